@@ -1,0 +1,217 @@
+"""The config schema Hydra validates against, and the range checks it cannot express.
+
+The dataclasses are registered in Hydra's ConfigStore as the base of ``conf/config.yaml``, so
+a wrong type, an unknown key or an unknown group choice fails at compose time. What Hydra can't
+say (``batch_size >= 1``, a momentum in (0, 1]) is checked by :func:`validate`, which raises one
+:class:`ConfigError` naming the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+
+
+class ConfigError(ValueError):
+    """A user mistake: one line with the key, the value and what is allowed."""
+
+    def __init__(self, key: str, value: Any, allowed: str) -> None:
+        self.key, self.value, self.allowed = key, value, allowed
+        super().__init__(f"{key}={value!r} is not allowed: {allowed}")
+
+
+@dataclass
+class DatasetConfig:
+    name: str = "digits"
+    root: str = "data"
+    download: bool = True
+    limit_train: Optional[int] = None
+    limit_test: Optional[int] = None
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mlp"
+    hidden: list[int] = field(default_factory=lambda: [128, 64])
+    channels: list[int] = field(default_factory=lambda: [16, 32])
+    bn: bool = True
+    bn_momentum: Optional[float] = 0.1
+    sync_bn: bool = False
+
+
+@dataclass
+class RegularizerConfig:
+    name: str = "none"
+    l1: float = 0.0
+    l2: float = 0.0
+    dropout: float = 0.0
+    l1_mode: str = "proximal"
+    l2_mode: str = "penalty"
+    exclude_bn_and_bias: bool = True
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = False
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 20
+    batch_size: int = 32
+    devices: int = 1
+    num_nodes: int = 1
+    grad_accum: int = 1
+    drop_last: bool = False
+    accelerator: str = "auto"
+    seed: int = 0
+    num_threads: Any = "auto"
+    eval_every_n_epochs: int = 1
+    eval_batch_size: int = 1024
+    log_every_n_steps: Optional[int] = None
+    progress: str = "auto"
+    precision: str = "fp32"
+    compile: bool = False
+    checkpoint_every_n_steps: Optional[int] = None
+    resume: bool = False
+
+
+@dataclass
+class BNStatsConfig:
+    every_n_steps: Optional[int] = None
+    probe_samples: Optional[int] = None
+    recalibrate: bool = False
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "auto"
+    project: str = "mnistlab"
+    entity: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "none"
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class Config:
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    regularizer: RegularizerConfig = field(default_factory=RegularizerConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    bn_stats: BNStatsConfig = field(default_factory=BNStatsConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+def register() -> None:
+    """Make the schema the base of ``conf/config.yaml`` (its defaults list names ``schema``)."""
+    ConfigStore.instance().store(name="schema", node=Config)
+
+
+MODELS = ("mlp", "cnn")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+ACCELERATORS = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "bf16")
+PROGRESS = ("auto", "bar", "lines", "none")
+L1_MODES = ("penalty", "proximal")
+L2_MODES = ("penalty", "decoupled")
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+LOGGERS = ("none", "wandb")
+
+
+def one_line(exc: BaseException) -> str:
+    """Hydra and OmegaConf errors span several lines; a user needs the first few, joined."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    if exc.__cause__ is not None:
+        lines += [ln.strip() for ln in str(exc.__cause__).splitlines() if ln.strip()][:1]
+    skip = ("full_key", "object_type", "Set the env", "To append")
+    keep = [ln.rstrip(".") for ln in lines if not ln.startswith(skip)]
+    return ": ".join(dict.fromkeys(keep[:3]))
+
+
+def _at_least(key: str, value: Any, low: int) -> None:
+    if value < low:
+        raise ConfigError(key, value, f"an integer >= {low}")
+
+
+def _one_of(key: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(key, value, "one of " + ", ".join(allowed))
+
+
+def resolve_threads(value: Any, local_processes: int = 1, parallel_jobs: int = 1) -> int:
+    """``auto`` = cores / (local processes x parallel jobs), at least 1: oversubscribing a
+    small CPU costs far more than leaving a core idle."""
+    if value == "auto" or value is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        return max(1, (cores or 1) // max(1, local_processes * parallel_jobs))
+    try:
+        threads = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError("trainer.num_threads", value, "'auto' or an integer >= 1") from None
+    if threads < 1 or str(threads) != str(value).strip():
+        raise ConfigError("trainer.num_threads", value, "'auto' or an integer >= 1")
+    return threads
+
+
+def validate(cfg: Any) -> None:
+    """Check every range Hydra's types can't; raise the first problem as a ConfigError."""
+    t, m, r, o, d, b = cfg.trainer, cfg.model, cfg.regularizer, cfg.optimizer, cfg.dataset, cfg.bn_stats
+    _at_least("trainer.epochs", t.epochs, 1)
+    _at_least("trainer.batch_size", t.batch_size, 1)
+    _at_least("trainer.devices", t.devices, 1)
+    _at_least("trainer.num_nodes", t.num_nodes, 1)
+    _at_least("trainer.grad_accum", t.grad_accum, 1)
+    _at_least("trainer.eval_every_n_epochs", t.eval_every_n_epochs, 1)
+    _at_least("trainer.eval_batch_size", t.eval_batch_size, 1)
+    if t.log_every_n_steps is not None:
+        _at_least("trainer.log_every_n_steps", t.log_every_n_steps, 1)
+    if t.checkpoint_every_n_steps is not None:
+        _at_least("trainer.checkpoint_every_n_steps", t.checkpoint_every_n_steps, 1)
+    _one_of("trainer.accelerator", t.accelerator, ACCELERATORS)
+    _one_of("trainer.precision", t.precision, PRECISIONS)
+    _one_of("trainer.progress", t.progress, PROGRESS)
+    resolve_threads(t.num_threads)
+    _one_of("model.name", m.name, MODELS)
+    if m.bn_momentum is not None and not 0.0 < m.bn_momentum <= 1.0:
+        raise ConfigError("model.bn_momentum", m.bn_momentum, "a number in (0, 1], or null")
+    for i, h in enumerate(m.hidden):
+        _at_least(f"model.hidden[{i}]", h, 1)
+    for i, c in enumerate(m.channels):
+        _at_least(f"model.channels[{i}]", c, 1)
+    if m.name == "cnn" and len(m.channels) != 2:
+        raise ConfigError("model.channels", list(m.channels), "exactly two conv widths for cnn")
+    if r.l1 < 0:
+        raise ConfigError("regularizer.l1", r.l1, "a number >= 0")
+    if r.l2 < 0:
+        raise ConfigError("regularizer.l2", r.l2, "a number >= 0")
+    if not 0.0 <= r.dropout < 1.0:
+        raise ConfigError("regularizer.dropout", r.dropout, "a number in [0, 1)")
+    _one_of("regularizer.l1_mode", r.l1_mode, L1_MODES)
+    _one_of("regularizer.l2_mode", r.l2_mode, L2_MODES)
+    _one_of("optimizer.name", o.name, OPTIMIZERS)
+    if o.lr <= 0:
+        raise ConfigError("optimizer.lr", o.lr, "a number > 0")
+    if not 0.0 <= o.momentum < 1.0:
+        raise ConfigError("optimizer.momentum", o.momentum, "a number in [0, 1)")
+    for key, lim in (("dataset.limit_train", d.limit_train), ("dataset.limit_test", d.limit_test)):
+        if lim is not None:
+            _at_least(key, lim, 1)
+    if b.every_n_steps is not None:
+        _at_least("bn_stats.every_n_steps", b.every_n_steps, 1)
+    if b.probe_samples is not None:
+        _at_least("bn_stats.probe_samples", b.probe_samples, 1)
+    _one_of("logger.name", cfg.logger.name, LOGGERS)
+    _one_of("logger.wandb.mode", cfg.logger.wandb.mode, WANDB_MODES)

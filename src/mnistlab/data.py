@@ -1,0 +1,169 @@
+"""Datasets, loaded once into memory tensors and batched by index.
+
+MNIST-style datasets are tiny: the whole training set fits in a few hundred MB, so the
+fastest loader is none at all. Each dataset is read once (torchvision's own classes parse the
+IDX files), normalized with statistics of its training split, and cached per process so a
+sweep's jobs share it. torchvision is imported only when one of its datasets is asked for.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+
+class DataError(RuntimeError):
+    """A dataset could not be had: one line naming the folder and the fix."""
+
+
+@dataclass(frozen=True)
+class Split:
+    x: Tensor  # float32, (N, 1, H, W), normalized
+    y: Tensor  # int64, (N,)
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+
+@dataclass(frozen=True)
+class Data:
+    name: str
+    train: Split
+    test: Split
+    num_classes: int
+    mean: float
+    std: float
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        c, h, w = self.train.x.shape[1:]
+        return int(c), int(h), int(w)
+
+
+# Dataset seed for the digits split and limit_* subsets: fixed, so every run of a sweep sees
+# the same data whatever its trainer.seed.
+DATA_SEED = 0
+
+
+def _normalize(train: Tensor, test: Tensor) -> tuple[Tensor, Tensor, float, float]:
+    """Scale with the training split's own mean and std, never hard-coded constants."""
+    train64 = train.double()
+    mean, std = float(train64.mean()), float(train64.std())
+    return ((train - mean) / std).float(), ((test - mean) / std).float(), mean, std
+
+
+def _digits(root: str, download: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
+    """scikit-learn's bundled 8x8 digits with a fixed, seeded, stratified 80/20 split."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    x_tr, x_te, y_tr, y_te = train_test_split(
+        bunch.images, bunch.target, test_size=0.2, stratify=bunch.target, random_state=DATA_SEED
+    )
+
+    def as_x(a: object) -> Tensor:
+        return torch.as_tensor(a, dtype=torch.float32).unsqueeze(1)
+
+    def as_y(a: object) -> Tensor:
+        return torch.as_tensor(a, dtype=torch.int64)
+
+    return as_x(x_tr), as_y(y_tr), as_x(x_te), as_y(y_te), 10
+
+
+def _torchvision(class_name: str, num_classes: int, **kwargs: object) -> Callable:
+    """A loader that reads through torchvision's own dataset class (and its download path)."""
+
+    def load(root: str, download: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
+        import torchvision.datasets as tvd
+
+        cls = getattr(tvd, class_name)
+        folder = Path(root) / cls.__name__ / "raw"
+        splits = []
+        for train in (True, False):
+            try:
+                ds = cls(root, train=train, download=download, **kwargs)
+            except RuntimeError as e:
+                if "not found" in str(e).lower():
+                    raise DataError(
+                        f"dataset.root={root!r}: {class_name} files not found in {folder}; "
+                        "set dataset.download=true or put the IDX files there"
+                    ) from None
+                raise DataError(f"dataset.root={root!r}: could not read {folder}: {e}") from None
+            except OSError as e:  # URLError, HTTPError and socket errors are OSErrors
+                raise DataError(
+                    f"dataset.download=true: downloading {class_name} into {folder} failed ({e}); "
+                    "check the network or place the IDX files there and set dataset.download=false"
+                ) from None
+            except (AssertionError, ValueError, IndexError) as e:
+                raise DataError(
+                    f"dataset.root={root!r}: corrupt or truncated IDX file in {folder} ({e}); "
+                    "delete it and download again"
+                ) from None
+            x = torch.as_tensor(ds.data).to(torch.float32).div_(255.0).unsqueeze(1)
+            y = torch.as_tensor(ds.targets).to(torch.int64).reshape(-1)
+            if y.ndim != 1 or x.shape[0] != y.shape[0]:
+                raise DataError(f"dataset.root={root!r}: images and labels differ in {folder}")
+            splits += [x, y]
+        return splits[0], splits[1], splits[2], splits[3], num_classes
+
+    return load
+
+
+DATASETS: dict[str, Callable[[str, bool], tuple[Tensor, Tensor, Tensor, Tensor, int]]] = {
+    "digits": _digits,
+    "mnist": _torchvision("MNIST", 10),
+    "fashion_mnist": _torchvision("FashionMNIST", 10),
+    "kmnist": _torchvision("KMNIST", 10),
+    "emnist": _torchvision("EMNIST", 47, split="balanced"),
+    "qmnist": _torchvision("QMNIST", 10),
+}
+
+
+# Training-split sizes, so step plans need no data on disk (``python -m mnistlab.plan``).
+TRAIN_SIZES = {
+    "digits": 1437,
+    "mnist": 60000,
+    "fashion_mnist": 60000,
+    "kmnist": 60000,
+    "emnist": 112800,
+    "qmnist": 60000,
+}
+
+
+@functools.lru_cache(maxsize=4)
+def _load_full(name: str, root: str, download: bool) -> Data:
+    x_tr, y_tr, x_te, y_te, classes = DATASETS[name](root, download)
+    x_tr, x_te, mean, std = _normalize(x_tr, x_te)
+    return Data(name, Split(x_tr, y_tr), Split(x_te, y_te), classes, mean, std)
+
+
+def _subset(split: Split, limit: int | None, key: str, name: str) -> Split:
+    if limit is None or limit == len(split):
+        return split
+    if limit > len(split):
+        raise DataError(f"{key}={limit} is larger than {name}'s {len(split)} samples")
+    g = torch.Generator().manual_seed(DATA_SEED)
+    idx = torch.randperm(len(split), generator=g)[:limit].sort().values
+    return Split(split.x[idx], split.y[idx])
+
+
+def load(
+    name: str,
+    root: str = "data",
+    download: bool = True,
+    limit_train: int | None = None,
+    limit_test: int | None = None,
+) -> Data:
+    """The named dataset as normalized in-memory tensors, with seeded subsets if asked."""
+    if name not in DATASETS:
+        raise DataError(f"dataset.name={name!r} is not allowed: one of {', '.join(DATASETS)}")
+    full = _load_full(name, str(root), bool(download))
+    train = _subset(full.train, limit_train, "dataset.limit_train", name)
+    test = _subset(full.test, limit_test, "dataset.limit_test", name)
+    return Data(full.name, train, test, full.num_classes, full.mean, full.std)

@@ -1,0 +1,99 @@
+"""L1, L2 and their modes, applied to a chosen set of parameters, and the weight metrics.
+
+* L1 ``penalty`` adds ``l1 * sum|w|`` to the loss: its subgradient pushes weights toward 0
+  but SGD steps overshoot, so they hover near zero and rarely reach it.
+* L1 ``proximal`` soft-thresholds after each optimizer step
+  (``w <- sign(w) * max(|w| - lr * l1, 0)``): the proximal-gradient method for the same
+  objective, which produces exact zeros.
+* L2 ``penalty`` adds ``(l2 / 2) * sum w^2`` to the loss, so its gradient ``l2 * w`` flows
+  through the optimizer. With Adam that gradient is divided by the running RMS of the
+  gradients, so weights with large gradients are barely decayed.
+* L2 ``decoupled`` (AdamW's weight decay) shrinks ``w <- w * (1 - lr * l2)`` outside the
+  optimizer, the same for every weight whatever its gradient history. With plain SGD the
+  two are the same update; with adaptive optimizers they differ.
+
+Dropout lives in the models; BN parameters and biases are excluded by default because
+shrinking a scale or a shift does not limit a network's capacity.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+SMALL = 1e-3  # weights below this magnitude count as "near zero" in the sparsity metric
+
+
+def regularized_parameters(model: nn.Module, exclude_bn_and_bias: bool) -> list[nn.Parameter]:
+    """Weights of linear and conv layers; everything trainable when nothing is excluded."""
+    if not exclude_bn_and_bias:
+        return [p for p in model.parameters() if p.requires_grad]
+    return [
+        m.weight
+        for m in model.modules()
+        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) and m.weight.requires_grad
+    ]
+
+
+@dataclass
+class Regularizer:
+    params: list[nn.Parameter]
+    l1: float = 0.0
+    l2: float = 0.0
+    l1_mode: str = "proximal"
+    l2_mode: str = "penalty"
+
+    @property
+    def adds_to_loss(self) -> bool:
+        return (self.l1 > 0 and self.l1_mode == "penalty") or (
+            self.l2 > 0 and self.l2_mode == "penalty"
+        )
+
+    def penalty(self) -> Tensor:
+        """The loss-side part: ``l1 * sum|w|`` and/or ``(l2 / 2) * sum w^2``."""
+        total = torch.zeros((), device=self.params[0].device) if self.params else torch.zeros(())
+        for p in self.params:
+            if self.l1 > 0 and self.l1_mode == "penalty":
+                total = total + self.l1 * p.abs().sum()
+            if self.l2 > 0 and self.l2_mode == "penalty":
+                total = total + 0.5 * self.l2 * p.pow(2).sum()
+        return total
+
+    @torch.no_grad()
+    def after_step(self, lr: float) -> None:
+        """The update-side part: decoupled decay, then L1's proximal soft-threshold."""
+        for p in self.params:
+            if self.l2 > 0 and self.l2_mode == "decoupled":
+                p.mul_(1.0 - lr * self.l2)
+            if self.l1 > 0 and self.l1_mode == "proximal":
+                p.copy_(p.sign() * (p.abs() - lr * self.l1).clamp_min_(0.0))
+
+    @torch.no_grad()
+    def full_penalty(self) -> float:
+        """The objective's regularization term, whichever mode applies it."""
+        l1 = sum(float(p.abs().sum()) for p in self.params)
+        l2 = sum(float(p.pow(2).sum()) for p in self.params)
+        return self.l1 * l1 + 0.5 * self.l2 * l2
+
+    @torch.no_grad()
+    def metrics(self) -> dict[str, float]:
+        """Norms and sparsity of the regularized weights."""
+        if not self.params:
+            return {}
+        flat = torch.cat([p.detach().reshape(-1) for p in self.params])
+        return {
+            "weights/l1_norm": float(flat.abs().sum()),
+            "weights/l2_norm": float(flat.pow(2).sum().sqrt()),
+            "weights/sparsity_exact": float((flat == 0).double().mean()),
+            "weights/sparsity_1e-3": float((flat.abs() < SMALL).double().mean()),
+            "weights/count": int(flat.numel()),
+            "reg/penalty": self.full_penalty(),
+        }
+
+
+def build(
+    model: nn.Module, l1: float, l2: float, l1_mode: str, l2_mode: str, exclude_bn_and_bias: bool
+) -> Regularizer:
+    return Regularizer(regularized_parameters(model, exclude_bn_and_bias), l1, l2, l1_mode, l2_mode)

@@ -1,0 +1,164 @@
+"""Step accounting: what one epoch, one iteration and one optimizer step really are.
+
+``StepPlan`` is pure integer arithmetic from (N, epochs, batch size, world size, gradient
+accumulation, drop_last), following ``torch.utils.data.DistributedSampler``: each rank gets
+``ceil(N / world)`` indices (the tail padded by repeating the head), or ``floor(N / world)``
+with ``drop_last``. A rank then cuts its shard into micro-batches (the last one shorter, or
+dropped with ``drop_last``) and groups ``grad_accum`` of them into one optimizer step (the
+last, shorter window of an epoch still steps). The loop ticks a :class:`StepCounter`; at the
+end the two must agree.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    num_samples: int
+    epochs: int
+    batch_size: int
+    world_size: int
+    grad_accum: int
+    drop_last: bool
+
+    @property
+    def samples_per_rank(self) -> int:
+        """Indices one rank draws per epoch (DistributedSampler's ``num_samples``)."""
+        if self.drop_last:
+            return self.num_samples // self.world_size
+        return math.ceil(self.num_samples / self.world_size)
+
+    @property
+    def padding(self) -> int:
+        """Repeated samples added per epoch so every rank gets an equal shard."""
+        return max(0, self.samples_per_rank * self.world_size - self.num_samples)
+
+    @property
+    def dropped_by_sampler(self) -> int:
+        return max(0, self.num_samples - self.samples_per_rank * self.world_size)
+
+    @property
+    def micro_batches_per_epoch(self) -> int:
+        """Iterations per epoch on each rank: one forward/backward of a micro-batch."""
+        if self.drop_last:
+            return self.samples_per_rank // self.batch_size
+        return math.ceil(self.samples_per_rank / self.batch_size)
+
+    @property
+    def last_micro_batch_size(self) -> int:
+        rem = self.samples_per_rank % self.batch_size
+        return self.batch_size if rem == 0 or self.drop_last else rem
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer updates per epoch: one per accumulation window, the last one shorter."""
+        return math.ceil(self.micro_batches_per_epoch / self.grad_accum)
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.epochs
+
+    @property
+    def total_micro_batches(self) -> int:
+        return self.micro_batches_per_epoch * self.epochs
+
+    @property
+    def bn_updates(self) -> int:
+        """BatchNorm running-stat updates per rank: one per forward micro-batch, not per step."""
+        return self.total_micro_batches
+
+    @property
+    def samples_per_rank_per_epoch_used(self) -> int:
+        """Samples one rank feeds forward per epoch (after dropping a short last batch)."""
+        if self.drop_last:
+            return self.micro_batches_per_epoch * self.batch_size
+        return self.samples_per_rank
+
+    @property
+    def samples_seen(self) -> int:
+        """Samples fed forward over the run by all ranks together, padding included."""
+        return self.samples_per_rank_per_epoch_used * self.world_size * self.epochs
+
+    @property
+    def effective_batch_size(self) -> int:
+        return self.batch_size * self.world_size * self.grad_accum
+
+    @property
+    def textbook_steps(self) -> float:
+        """``N x epochs / (world x batch x accum)``: the formula, before any rounding."""
+        return self.num_samples * self.epochs / self.effective_batch_size
+
+    def window_sizes(self) -> list[int]:
+        """Micro-batches in each accumulation window of one epoch (the last may be shorter)."""
+        n, a = self.micro_batches_per_epoch, self.grad_accum
+        return [min(a, n - start) for start in range(0, n, a)]
+
+    def as_dict(self) -> dict[str, float | int | bool]:
+        """Inputs and every derived number, for ``summary.json`` and the W&B config."""
+        out: dict[str, float | int | bool] = dict(asdict(self))
+        for name in (
+            "samples_per_rank",
+            "padding",
+            "dropped_by_sampler",
+            "micro_batches_per_epoch",
+            "last_micro_batch_size",
+            "steps_per_epoch",
+            "total_micro_batches",
+            "total_steps",
+            "bn_updates",
+            "samples_seen",
+            "effective_batch_size",
+            "textbook_steps",
+        ):
+            out[name] = getattr(self, name)
+        return out
+
+    def banner(self, nodes: int = 1) -> str:
+        """The run's accounting in the familiar "***** Running training *****" shape."""
+        devices = self.world_size // max(1, nodes)
+        rows = [
+            ("Num examples (N)", self.num_samples),
+            ("Num epochs", self.epochs),
+            ("Batch size per device", self.batch_size),
+            ("World size (devices)", f"{self.world_size} ({nodes} node(s) x {devices} device(s))"),
+            ("Gradient accumulation steps", self.grad_accum),
+            ("Effective batch size", self.effective_batch_size),
+            ("drop_last", self.drop_last),
+            (
+                "Samples per rank per epoch",
+                f"{self.samples_per_rank} (padding {self.padding}, dropped {self.dropped_by_sampler})",
+            ),
+            ("Iterations (micro-batches) per epoch", self.micro_batches_per_epoch),
+            ("Optimizer steps per epoch", self.steps_per_epoch),
+            ("Total optimizer steps", self.total_steps),
+            ("Textbook N*epochs/(world*batch*accum)", f"{self.textbook_steps:g}"),
+            ("BN running-stat updates per rank", self.bn_updates),
+            ("Samples seen (all ranks)", self.samples_seen),
+        ]
+        width = max(len(k) for k, _ in rows)
+        lines = ["***** Running training *****"]
+        lines += [f"  {k:<{width}} = {v}" for k, v in rows]
+        return "\n".join(lines)
+
+
+@dataclass
+class StepCounter:
+    """What the loop really did; compared with the plan at the end."""
+
+    micro_batches: int = 0
+    optimizer_steps: int = 0
+    samples_seen: int = 0
+    epochs: int = 0
+
+    def compare(self, plan: StepPlan) -> dict[str, tuple[int, int]]:
+        """Counted vs planned for every quantity that differs (empty when all match)."""
+        pairs = {
+            "total_micro_batches": (self.micro_batches, plan.total_micro_batches),
+            "total_steps": (self.optimizer_steps, plan.total_steps),
+            "samples_seen": (self.samples_seen, plan.samples_seen),
+            "epochs": (self.epochs, plan.epochs),
+        }
+        return {k: v for k, v in pairs.items() if v[0] != v[1]}

@@ -1,0 +1,79 @@
+"""Shared fixtures: MNIST-format IDX files that torchvision's own classes read, and a way to
+run the real Hydra app in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_idx_images(path: Path, images: np.ndarray) -> None:
+    """IDX3: magic 0x00000803, then count, rows, cols (big-endian), then uint8 pixels."""
+    n, h, w = images.shape
+    path.write_bytes(struct.pack(">IIII", 0x0803, n, h, w) + images.astype(np.uint8).tobytes())
+
+
+def write_idx_labels(path: Path, labels: np.ndarray) -> None:
+    """IDX1: magic 0x00000801, then count, then uint8 labels."""
+    path.write_bytes(struct.pack(">II", 0x0801, len(labels)) + labels.astype(np.uint8).tobytes())
+
+
+def make_images(n: int, seed: int, size: int = 28) -> tuple[np.ndarray, np.ndarray]:
+    """Learnable fake digits: class k lights a class-specific block of pixels, plus noise."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, n)
+    images = rng.integers(0, 60, (n, size, size)).astype(np.int32)
+    cell = size // 5
+    for i, k in enumerate(labels):
+        r, c = divmod(int(k), 5)
+        images[i, r * cell * 2 : r * cell * 2 + cell, c * cell : c * cell + cell] += 180
+    return np.clip(images, 0, 255).astype(np.uint8), labels
+
+
+def write_mnist_layout(root: Path, folder: str, n_train: int, n_test: int, size: int = 28) -> Path:
+    """torchvision's raw layout: ``root/<Class>/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte``."""
+    raw = root / folder / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for prefix, n, seed in (("train", n_train, 1), ("t10k", n_test, 2)):
+        images, labels = make_images(n, seed, size)
+        write_idx_images(raw / f"{prefix}-images-idx3-ubyte", images)
+        write_idx_labels(raw / f"{prefix}-labels-idx1-ubyte", labels)
+    return raw
+
+
+@pytest.fixture(scope="session")
+def mnist_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data root holding small MNIST, FashionMNIST and KMNIST in torchvision's layout."""
+    root = tmp_path_factory.mktemp("data")
+    for folder in ("MNIST", "FashionMNIST", "KMNIST"):
+        write_mnist_layout(root, folder, n_train=600, n_test=200)
+    return root
+
+
+def run_app(
+    run_dir: Path, *overrides: str, module: str = "mnistlab.train", timeout: float = 240
+) -> subprocess.CompletedProcess[str]:
+    """The real Hydra app in a subprocess, with its output folder pinned to ``run_dir``."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_SILENT="true")
+    args = [sys.executable, "-m", module, f"hydra.run.dir={run_dir}", *overrides]
+    return subprocess.run(
+        args, capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout, check=False
+    )
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_summary(run_dir: Path) -> dict[str, Any]:
+    return json.loads((run_dir / "summary.json").read_text())

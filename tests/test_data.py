@@ -1,0 +1,52 @@
+"""data.py: the bundled digits and torchvision's own classes reading generated IDX files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from mnistlab import data
+
+
+def test_digits_split_is_fixed_stratified_and_normalized() -> None:
+    d = data.load("digits")
+    assert len(d.train) == data.TRAIN_SIZES["digits"]
+    assert len(d.train) + len(d.test) == 1797
+    assert d.image_shape == (1, 8, 8)
+    # normalized with the training split's own statistics
+    assert abs(float(d.train.x.double().mean())) < 1e-5
+    assert abs(float(d.train.x.double().std()) - 1) < 1e-4
+    # stratified: every class in test holds roughly its share
+    counts = torch.bincount(d.test.y, minlength=10)
+    assert int(counts.min()) >= 35 and int(counts.max()) <= 37
+    again = data.load("digits")
+    assert torch.equal(again.test.y, d.test.y)
+
+
+@pytest.mark.parametrize(("name", "folder"), [("mnist", "MNIST"), ("fashion_mnist", "FashionMNIST"), ("kmnist", "KMNIST")])
+def test_torchvision_classes_read_generated_idx(mnist_root: Path, name: str, folder: str) -> None:
+    d = data.load(name, str(mnist_root), download=False)
+    assert len(d.train) == 600 and len(d.test) == 200
+    assert d.image_shape == (1, 28, 28)
+    assert d.train.x.dtype == torch.float32 and d.train.y.dtype == torch.int64
+    assert abs(float(d.train.x.double().mean())) < 1e-5
+    assert 0 <= int(d.train.y.min()) and int(d.train.y.max()) <= 9
+
+
+def test_limit_train_is_a_seeded_subset(mnist_root: Path) -> None:
+    a = data.load("mnist", str(mnist_root), False, limit_train=100)
+    b = data.load("mnist", str(mnist_root), False, limit_train=100)
+    assert len(a.train) == 100
+    assert torch.equal(a.train.x, b.train.x)
+    with pytest.raises(data.DataError, match="limit_train"):
+        data.load("mnist", str(mnist_root), False, limit_train=601)
+
+
+def test_missing_files_name_folder_and_fix(tmp_path: Path) -> None:
+    with pytest.raises(data.DataError) as e:
+        data.load("kmnist", str(tmp_path), download=False)
+    msg = str(e.value)
+    assert str(tmp_path / "KMNIST" / "raw") in msg and "dataset.download=true" in msg
+    assert "\n" not in msg
