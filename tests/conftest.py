@@ -41,7 +41,7 @@ def make_images(n: int, seed: int, size: int = 28) -> tuple[np.ndarray, np.ndarr
 
 
 def write_mnist_layout(root: Path, folder: str, n_train: int, n_test: int, size: int = 28) -> Path:
-    """torchvision's raw layout: ``root/<Class>/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte``."""
+    """torchvision's raw layout: ``root/<Class>/raw/{train,t10k}-{images,labels}-idx*-ubyte``."""
     raw = root / folder / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     for prefix, n, seed in (("train", n_train, 1), ("t10k", n_test, 2)):
@@ -61,11 +61,17 @@ def mnist_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def run_app(
-    run_dir: Path, *overrides: str, module: str = "mnistlab.train", timeout: float = 240
+    run_dir: Path,
+    *overrides: str,
+    flags: tuple[str, ...] = (),
+    module: str = "mnistlab.train",
+    timeout: float = 240,
 ) -> subprocess.CompletedProcess[str]:
-    """The real Hydra app in a subprocess, with its output folder pinned to ``run_dir``."""
+    """The real Hydra app in a subprocess, with its output folder pinned to ``run_dir``.
+
+    ``flags`` (``-m``, ``--cfg job``) go before the overrides, as Hydra's parser wants."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_SILENT="true")
-    args = [sys.executable, "-m", module, f"hydra.run.dir={run_dir}", *overrides]
+    args = [sys.executable, "-m", module, *flags, f"hydra.run.dir={run_dir}", *overrides]
     return subprocess.run(
         args, capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout, check=False
     )

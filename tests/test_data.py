@@ -25,14 +25,17 @@ def test_digits_split_is_fixed_stratified_and_normalized() -> None:
     assert torch.equal(again.test.y, d.test.y)
 
 
-@pytest.mark.parametrize(("name", "folder"), [("mnist", "MNIST"), ("fashion_mnist", "FashionMNIST"), ("kmnist", "KMNIST")])
+@pytest.mark.parametrize(
+    ("name", "folder"),
+    [("mnist", "MNIST"), ("fashion_mnist", "FashionMNIST"), ("kmnist", "KMNIST")],
+)
 def test_torchvision_classes_read_generated_idx(mnist_root: Path, name: str, folder: str) -> None:
     d = data.load(name, str(mnist_root), download=False)
     assert len(d.train) == 600 and len(d.test) == 200
     assert d.image_shape == (1, 28, 28)
     assert d.train.x.dtype == torch.float32 and d.train.y.dtype == torch.int64
     assert abs(float(d.train.x.double().mean())) < 1e-5
-    assert 0 <= int(d.train.y.min()) and int(d.train.y.max()) <= 9
+    assert int(d.train.y.min()) >= 0 and int(d.train.y.max()) <= 9
 
 
 def test_limit_train_is_a_seeded_subset(mnist_root: Path) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
@@ -28,8 +28,8 @@ class DatasetConfig:
     name: str = "digits"
     root: str = "data"
     download: bool = True
-    limit_train: Optional[int] = None
-    limit_test: Optional[int] = None
+    limit_train: int | None = None
+    limit_test: int | None = None
 
 
 @dataclass
@@ -38,7 +38,7 @@ class ModelConfig:
     hidden: list[int] = field(default_factory=lambda: [128, 64])
     channels: list[int] = field(default_factory=lambda: [16, 32])
     bn: bool = True
-    bn_momentum: Optional[float] = 0.1
+    bn_momentum: float | None = 0.1
     sync_bn: bool = False
 
 
@@ -75,18 +75,18 @@ class TrainerConfig:
     num_threads: Any = "auto"
     eval_every_n_epochs: int = 1
     eval_batch_size: int = 1024
-    log_every_n_steps: Optional[int] = None
+    log_every_n_steps: int | None = None
     progress: str = "auto"
     precision: str = "fp32"
     compile: bool = False
-    checkpoint_every_n_steps: Optional[int] = None
+    checkpoint_every_n_steps: int | None = None
     resume: bool = False
 
 
 @dataclass
 class BNStatsConfig:
-    every_n_steps: Optional[int] = None
-    probe_samples: Optional[int] = None
+    every_n_steps: int | None = None
+    probe_samples: int | None = None
     recalibrate: bool = False
 
 
@@ -94,7 +94,7 @@ class BNStatsConfig:
 class WandbConfig:
     mode: str = "auto"
     project: str = "mnistlab"
-    entity: Optional[str] = None
+    entity: str | None = None
     tags: list[str] = field(default_factory=list)
 
 
@@ -168,7 +168,14 @@ def resolve_threads(value: Any, local_processes: int = 1, parallel_jobs: int = 1
 
 def validate(cfg: Any) -> None:
     """Check every range Hydra's types can't; raise the first problem as a ConfigError."""
-    t, m, r, o, d, b = cfg.trainer, cfg.model, cfg.regularizer, cfg.optimizer, cfg.dataset, cfg.bn_stats
+    t, m, r, o, d, b = (
+        cfg.trainer,
+        cfg.model,
+        cfg.regularizer,
+        cfg.optimizer,
+        cfg.dataset,
+        cfg.bn_stats,
+    )
     _at_least("trainer.epochs", t.epochs, 1)
     _at_least("trainer.batch_size", t.batch_size, 1)
     _at_least("trainer.devices", t.devices, 1)

@@ -37,7 +37,9 @@ def mlp(
     layers: list[nn.Module] = [nn.Flatten()]
     width = c * h * w
     for out in hidden:
-        layers += _hidden_block(nn.Linear(width, out, bias=not bn), out, bn, bn_momentum, dropout, 1)
+        layers += _hidden_block(
+            nn.Linear(width, out, bias=not bn), out, bn, bn_momentum, dropout, 1
+        )
         width = out
     layers.append(nn.Linear(width, num_classes))
     return nn.Sequential(*layers)
@@ -63,7 +65,9 @@ def cnn(
     layers.append(nn.Flatten())
     width = c * h * w
     for out in hidden[:1]:
-        layers += _hidden_block(nn.Linear(width, out, bias=not bn), out, bn, bn_momentum, dropout, 1)
+        layers += _hidden_block(
+            nn.Linear(width, out, bias=not bn), out, bn, bn_momentum, dropout, 1
+        )
         width = out
     layers.append(nn.Linear(width, num_classes))
     return nn.Sequential(*layers)

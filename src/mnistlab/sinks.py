@@ -35,7 +35,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(_jsonable(obj), indent=2, sort_keys=False) + "\n").encode())
+    atomic_write_bytes(
+        path, (json.dumps(_jsonable(obj), indent=2, sort_keys=False) + "\n").encode()
+    )
 
 
 def _jsonable(obj: Any) -> Any:

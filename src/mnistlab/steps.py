@@ -129,7 +129,8 @@ class StepPlan:
             ("drop_last", self.drop_last),
             (
                 "Samples per rank per epoch",
-                f"{self.samples_per_rank} (padding {self.padding}, dropped {self.dropped_by_sampler})",
+                f"{self.samples_per_rank} "
+                f"(padding {self.padding}, dropped {self.dropped_by_sampler})",
             ),
             ("Iterations (micro-batches) per epoch", self.micro_batches_per_epoch),
             ("Optimizer steps per epoch", self.steps_per_epoch),

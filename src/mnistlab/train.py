@@ -37,7 +37,9 @@ def _select_device(accelerator: str) -> Any:
         return torch.device("cuda", torch.cuda.current_device())
     if accelerator == "cuda":
         raise ConfigError(
-            "trainer.accelerator", "cuda", "no CUDA device is visible here; use trainer.accelerator=cpu"
+            "trainer.accelerator",
+            "cuda",
+            "no CUDA device is visible; use trainer.accelerator=cpu",
         )
     return torch.device("cpu")
 
@@ -93,7 +95,9 @@ def train_job(cfg: DictConfig, out_dir: Path, rank: int = 0, world_size: int = 1
 
     sinks = Sinks()
     if rank == 0:
-        sinks = Sinks([ConsoleSink(plan.total_steps, t.progress), JsonlSink(out_dir / "metrics.jsonl")])
+        sinks = Sinks(
+            [ConsoleSink(plan.total_steps, t.progress), JsonlSink(out_dir / "metrics.jsonl")]
+        )
     loop_cfg = LoopConfig(
         seed=t.seed,
         rank=rank,
@@ -146,8 +150,6 @@ def train_job(cfg: DictConfig, out_dir: Path, rank: int = 0, world_size: int = 1
 
 def run(cfg: DictConfig) -> float:
     """One Hydra job: validate, train, write ``summary.json``; return the sweep objective."""
-    from .sinks import atomic_write_json
-
     hc = HydraConfig.get()
     out_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
@@ -172,7 +174,7 @@ def run(cfg: DictConfig) -> float:
         summary["error"] = error
     _finish(out_dir, summary, cfg, hc)
     if summary["status"] != "completed":
-        log.error(error or "run failed")
+        print(error or "error: run failed", file=sys.stderr, flush=True)
         if not multirun:
             sys.exit(code)
         return math.nan
