@@ -122,6 +122,8 @@ def fit(
     check_every = 1 if device.type == "cpu" else cfg.log_every_n_steps  # finite-loss check
     zero = torch.zeros((), dtype=torch.float64, device=device)
     run_loss, run_correct, run_count = zero.clone(), zero.clone(), 0
+    eval_args = (cfg.eval_batch_size, cfg.precision)
+    train_slice = Split(train.x[: len(test)], train.y[: len(test)])
     model.train()
 
     for epoch in range(counter.epochs, plan.epochs):
@@ -170,9 +172,14 @@ def fit(
         counter.epochs += 1
         if counter.epochs % cfg.eval_every_n_epochs == 0 or counter.epochs == plan.epochs:
             t0 = time.perf_counter()
-            metrics = evaluate(model, test, cfg.eval_batch_size, cfg.precision)
+            row = {f"test/{k}": v for k, v in evaluate(model, test, *eval_args).items()}
+            # Train accuracy in eval mode on a test-sized slice: the train-test gap, cheaply.
+            row |= {
+                f"train_eval/{k}": v for k, v in evaluate(model, train_slice, *eval_args).items()
+            }
+            row["train_test_gap"] = row["train_eval/acc"] - row["test/acc"]
             cfg.timings["eval_s"] = cfg.timings.get("eval_s", 0.0) + time.perf_counter() - t0
-            sinks.log(_position(counter, plan) | {f"test/{k}": v for k, v in metrics.items()})
+            sinks.log(_position(counter, plan) | row)
     return counter
 
 

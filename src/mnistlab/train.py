@@ -98,10 +98,17 @@ def train_job(cfg: DictConfig, out_dir: Path, rank: int = 0, world_size: int = 1
         sinks = Sinks(
             [ConsoleSink(plan.total_steps, t.progress), JsonlSink(out_dir / "metrics.jsonl")]
         )
+    log_every = t.log_every_n_steps or max(1, plan.total_steps // 50)
+
+    def weight_metrics(step: int) -> dict[str, Any] | None:
+        """Norms, sparsity and the penalty's value, on the loop's logging cadence."""
+        return reg.metrics() if step % log_every == 0 or step == plan.total_steps else None
+
     loop_cfg = LoopConfig(
         seed=t.seed,
         rank=rank,
-        log_every_n_steps=t.log_every_n_steps or max(1, plan.total_steps // 50),
+        log_every_n_steps=log_every,
+        hooks=[weight_metrics],
         eval_every_n_epochs=t.eval_every_n_epochs,
         eval_batch_size=t.eval_batch_size,
         precision=t.precision,
