@@ -53,3 +53,15 @@ def test_missing_files_name_folder_and_fix(tmp_path: Path) -> None:
     msg = str(e.value)
     assert str(tmp_path / "KMNIST" / "raw") in msg and "dataset.download=true" in msg
     assert "\n" not in msg
+
+
+def test_unreachable_download_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchvision's real download path, pointed at a closed local port instead of the web."""
+    import torchvision.datasets as tvd
+
+    monkeypatch.setattr(tvd.KMNIST, "mirrors", ["http://127.0.0.1:9/"])
+    with pytest.raises(data.DataError) as e:
+        data.load("kmnist", str(tmp_path), download=True)
+    msg = str(e.value)
+    assert msg.startswith("dataset.download=true") and "\n" not in msg
+    assert str(tmp_path / "KMNIST" / "raw") in msg

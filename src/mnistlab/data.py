@@ -89,6 +89,13 @@ def _torchvision(class_name: str, num_classes: int, **kwargs: object) -> Callabl
             try:
                 ds = cls(root, train=train, download=download, **kwargs)
             except RuntimeError as e:
+                if "error downloading" in str(e).lower():  # every mirror failed
+                    reason = str(e).strip().splitlines()[-1]
+                    raise DataError(
+                        f"dataset.download=true: downloading {class_name} into {folder} failed "
+                        f"({reason}); check the network, or place the IDX files there and set "
+                        "dataset.download=false"
+                    ) from None
                 if "not found" in str(e).lower():
                     raise DataError(
                         f"dataset.root={root!r}: {class_name} files not found in {folder}; "
