@@ -525,8 +525,25 @@ def join(target: Callable[..., Any], launch: Launch, *args: Any, num_threads: An
         result = target(launch, *args)
         clean = True
         return result
+    except Exception as e:
+        if type(e).__name__ in ("ConfigError", "DataError"):
+            raise  # a user's mistake: its own one line
+        _record_for_agent(e)
+        traceback.print_exc()
+        raise WorkerError(launch.rank, f"{type(e).__name__}: {e}", type(e).__name__) from None
     finally:
         teardown(clean)
+
+
+def _record_for_agent(e: BaseException) -> None:
+    """Write the error where torchrun's agent reads it (``TORCHELASTIC_ERROR_FILE``), so its
+    "Root Cause" report shows this rank's message instead of just an exit code."""
+    try:
+        from torch.distributed.elastic.multiprocessing.errors import get_error_handler
+
+        get_error_handler().record_exception(e)
+    except Exception:  # the report is a courtesy; never hide the real error behind it
+        log.debug("could not record the error for torchrun's agent", exc_info=True)
 
 
 def one_folder_under_torchrun(main: Callable[..., Any]) -> Callable[..., Any]:
