@@ -300,8 +300,9 @@ def test_two_torchrun_agents_one_run_one_folder(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_submitit_local_launcher_runs_a_two_job_sweep(tmp_path: Path) -> None:
     """``hydra/launcher=local`` (the plugin's submitit_local): one job of one process and one
-    job that spawns two ranks, each in its own submitit process."""
-    p = _sweep(tmp_path, "hydra/launcher=local", "trainer.devices=1,2", *TINY)
+    job that spawns two ranks (with gradient accumulation), each in its own submitit process."""
+    launcher = ("hydra/launcher=local", "trainer.devices=1,2", "trainer.grad_accum=2")
+    p = _sweep(tmp_path, *launcher, *TINY)
     assert p.returncode == 0, p.stderr[-3000:]
     assert (tmp_path / ".submitit").is_dir()
     with open(tmp_path / "sweep_summary.csv") as f:
@@ -309,4 +310,9 @@ def test_submitit_local_launcher_runs_a_two_job_sweep(tmp_path: Path) -> None:
     assert [r["status"] for r in rows] == ["completed", "completed"]
     worlds = sorted(read_summary(tmp_path / str(i))["world_size"] for i in (0, 1))
     assert worlds == [1, 2]
-    assert json.loads((tmp_path / "1" / "summary.json").read_text())["backend"] == "gloo"
+    two = json.loads((tmp_path / "1" / "summary.json").read_text())
+    assert two["backend"] == "gloo"
+    # accumulation under DDP (no_sync on all but the last micro-batch): counts and weights agree
+    assert two["distributed"]["params_identical_across_ranks"]
+    steps = {c["total_steps"] for c in two["distributed"]["counted_per_rank"]}
+    assert steps == {two["plan"]["total_steps"]} and two["plan"]["grad_accum"] == 2
