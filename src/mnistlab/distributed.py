@@ -260,6 +260,8 @@ def wrap(model: Any, launch_device: Any, world: int, sync_bn: bool = False) -> A
     DDP broadcasts rank 0's parameters once here and rank 0's buffers (BatchNorm running
     statistics) before every forward, so the saved running statistics are an EMA over rank
     0's micro-batches only, unless ``sync_bn`` converts BatchNorm to SyncBatchNorm (CUDA).
+    That broadcast makes every forward of the wrapped model a collective: code that runs the
+    model on some ranks only (probes, checkpoints) must use :func:`unwrap`.
     """
     from torch import nn
     from torch.nn.parallel import DistributedDataParallel
@@ -281,11 +283,13 @@ def fingerprint(model: Any) -> dict[str, str]:
     """SHA-256 of the parameters and of the buffers: equal on all ranks iff in sync."""
     import hashlib
 
+    import torch
+
     def digest(tensors: Any) -> str:
         h = hashlib.sha256()
         for name, t in tensors:
             h.update(name.encode())
-            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+            h.update(t.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
         return h.hexdigest()[:16]
 
     m = unwrap(model)
