@@ -19,6 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from . import distributed
 from .config import ConfigError, register, resolve_threads, validate
 from .data import DataError
 
@@ -92,6 +93,7 @@ def train_job(cfg: DictConfig, out_dir: Path, rank: int = 0, world_size: int = 1
     ).to(device)
     reg = regularizers.build(model, r.l1, r.l2, r.l1_mode, r.l2_mode, r.exclude_bn_and_bias)
     optimizer = _optimizer(cfg, model.parameters())
+    model = distributed.wrap(model, device, world_size, m.sync_bn)  # DDP when world_size > 1
 
     sinks = Sinks()
     if rank == 0:
@@ -113,8 +115,12 @@ def train_job(cfg: DictConfig, out_dir: Path, rank: int = 0, world_size: int = 1
         eval_batch_size=t.eval_batch_size,
         precision=t.precision,
     )
+    fault = distributed.fault_hook(rank)  # test hook, see distributed.py
+    if fault is not None:
+        loop_cfg.hooks.append(fault)
 
     summary: dict[str, Any] = {"status": "failed", "plan": plan.as_dict()}
+    summary.update(world_size=world_size, backend=distributed.current_backend())
     t_start = time.perf_counter()
     summary["timings"] = {"startup_s": t_start - START}
     try:
@@ -134,6 +140,14 @@ def train_job(cfg: DictConfig, out_dir: Path, rank: int = 0, world_size: int = 1
             accounting_matches_plan=not mismatches,
             mismatches={k: {"counted": c, "planned": p} for k, (c, p) in mismatches.items()},
         )
+        if world_size > 1:  # a collective: every rank's counts and weights, seen on rank 0
+            ranks = distributed.rank_report(model, summary["counted"], m.sync_bn)
+            summary["bn_running_stats_from"] = ranks["bn_running_stats_from"]
+            summary["distributed"] = ranks
+            if any(c != summary["counted"] for c in ranks["counted_per_rank"]):
+                mismatches["counted_per_rank"] = (ranks["counted_per_rank"], summary["counted"])
+                summary["mismatches"]["counted_per_rank"] = ranks["counted_per_rank"]
+                summary.update(status="failed", accounting_matches_plan=False)
         if mismatches:
             summary["error"] = f"counted steps differ from the plan: {mismatches}"
         summary["final"] = {
@@ -163,31 +177,81 @@ def run(cfg: DictConfig) -> float:
     summary: dict[str, Any] = {"status": "failed"}
     error: str | None = None
     code = 1
+    launch = None
     try:
         validate(cfg)
-        threads = resolve_threads(cfg.trainer.num_threads)
-        import torch
+        launch = distributed.plan_launch(cfg)
+        if launch.mode == "torchrun":  # this process is one rank already: join, don't spawn
+            summary = distributed.join(
+                _rank_job, launch, cfg, out_dir, num_threads=cfg.trainer.num_threads
+            )
+        elif launch.mode == "spawn":  # start the ranks here; rank 0's summary comes back
+            resolved = OmegaConf.to_container(cfg, resolve=True)
+            summary = distributed.spawn(
+                "mnistlab.train:_rank_job",
+                launch,
+                resolved,
+                out_dir,
+                num_threads=cfg.trainer.num_threads,
+            )[0]
+        else:
+            threads = resolve_threads(cfg.trainer.num_threads)
+            import torch
 
-        torch.set_num_threads(threads)
-        summary = train_job(cfg, out_dir)
+            torch.set_num_threads(threads)
+            summary = train_job(cfg, out_dir)
         error = summary.get("error")
     except (ConfigError, DataError) as e:
         error, code = f"error: {e}", 2
+    except distributed.WorkerError as e:  # one line: which rank, which error
+        error, code = f"error: {e}", 2 if e.user_error else 1
     except Exception as e:  # anything else: still leave a summary, then show the traceback
         summary["error"] = f"{type(e).__name__}: {e}"
-        _finish(out_dir, summary, cfg, hc)
+        if launch is None or launch.rank == 0:
+            _finish(out_dir, summary, cfg, hc)
         raise
     if error:
         summary["error"] = error
-    _finish(out_dir, summary, cfg, hc)
+    rank = launch.rank if launch is not None else 0
+    if rank == 0:  # only rank 0 writes (under torchrun every rank runs this function)
+        _finish(out_dir, summary, cfg, hc)
     if summary["status"] != "completed":
         print(error or "error: run failed", file=sys.stderr, flush=True)
-        if not multirun:
-            sys.exit(code)
+        if not multirun or (launch is not None and launch.mode == "torchrun"):
+            sys.exit(code)  # under torchrun, exiting lets the agent stop the other ranks
         return math.nan
     acc = summary.get("final", {}).get("test/acc", math.nan)
+    if rank != 0:
+        return acc
     log.info("test accuracy %.4f; summary in %s", acc, out_dir / "summary.json")
     return acc
+
+
+def _rank_job(launch: distributed.Launch, cfg: Any, out_dir: Path) -> dict[str, Any]:
+    """One rank of a multi-process run (spawned, or under torchrun) after it joined the group."""
+    if not isinstance(cfg, DictConfig):  # spawned: the resolved config as plain containers
+        cfg = OmegaConf.create(cfg)
+    if launch.mode == "torchrun":
+        _adopt_torchrun_shape(cfg, launch)
+        out_dir = Path(distributed.broadcast_object(str(out_dir)))  # rank 0's folder for all
+    summary = train_job(cfg, Path(out_dir), launch.rank, launch.world_size)
+    return summary if launch.rank == 0 else {"status": summary["status"]}
+
+
+def _adopt_torchrun_shape(cfg: DictConfig, launch: distributed.Launch) -> None:
+    """torchrun decides the world: record it in the config the summary saves."""
+    t = cfg.trainer
+    asked = (t.devices, t.num_nodes)
+    if asked not in ((1, 1), (launch.local_world_size, launch.num_nodes)) and launch.rank == 0:
+        log.warning(
+            "torchrun runs %d node(s) x %d process(es): using that instead of "
+            "trainer.devices=%d trainer.num_nodes=%d",
+            launch.num_nodes,
+            launch.local_world_size,
+            t.devices,
+            t.num_nodes,
+        )
+    t.devices, t.num_nodes = launch.local_world_size, launch.num_nodes
 
 
 def _finish(out_dir: Path, summary: dict[str, Any], cfg: DictConfig, hc: Any) -> None:
@@ -198,6 +262,7 @@ def _finish(out_dir: Path, summary: dict[str, Any], cfg: DictConfig, hc: Any) ->
     atomic_write_json(out_dir / "summary.json", summary)
 
 
+@distributed.one_folder_under_torchrun
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     return run(cfg)
