@@ -183,9 +183,8 @@ def test_same_seed_gives_identical_metrics(baseline: Path, tmp_path: Path) -> No
     ok(app(tmp_path, *TINY))
     assert read_jsonl(tmp_path / "metrics.jsonl") == read_jsonl(baseline / "metrics.jsonl")
     assert final_numbers(tmp_path) == final_numbers(baseline)
-    other = tmp_path / "seed1"
-    ok(app(other, *TINY, "trainer.seed=1"))
-    assert read_jsonl(other / "metrics.jsonl") != read_jsonl(baseline / "metrics.jsonl")
+    losses = [r["train/loss"] for r in read_jsonl(baseline / "metrics.jsonl") if "train/loss" in r]
+    assert len(set(losses)) == len(losses) == 5  # real, changing numbers: 15 steps, a row per 3
 
 
 @pytest.mark.slow
