@@ -94,7 +94,7 @@ def train_job(cfg: DictConfig, out_dir: Path, rank: int = 0, world_size: int = 1
     ).to(device)
     reg = regularizers.build(model, r.l1, r.l2, r.l1_mode, r.l2_mode, r.exclude_bn_and_bias)
     optimizer = _optimizer(cfg, model.parameters())
-    counter, running = None, None
+    counter, running = StepCounter(), None
     metrics_path = out_dir / "metrics.jsonl"
     if resumed is not None:
         counter, running = checkpoint.restore(resumed, model, optimizer)
@@ -108,7 +108,7 @@ def train_job(cfg: DictConfig, out_dir: Path, rank: int = 0, world_size: int = 1
 
     sinks = Sinks()
     if rank == 0:
-        done = counter.optimizer_steps if counter else 0
+        done = counter.optimizer_steps
         sinks = Sinks(
             [
                 ConsoleSink(plan.total_steps, t.progress, initial=done),
@@ -136,9 +136,11 @@ def train_job(cfg: DictConfig, out_dir: Path, rank: int = 0, world_size: int = 1
     )
 
     summary: dict[str, Any] = {"status": "failed", "plan": plan.as_dict()}
+    if resumed is not None:
+        summary["resumed_from_step"] = counter.optimizer_steps
     t_start = time.perf_counter()
     summary["timings"] = {"startup_s": t_start - START}
-    start_samples = counter.samples_seen if counter else 0
+    start_samples = counter.samples_seen
     if resumed is not None:
         checkpoint.set_rng_state(resumed["rng"])
     else:  # step 0: a diverged or killed run always has a checkpoint to go back to
@@ -197,6 +199,15 @@ def train_job(cfg: DictConfig, out_dir: Path, rank: int = 0, world_size: int = 1
             f"hydra.run.dir={out_dir} trainer.resume=true",
         )
     finally:
+        summary.setdefault(  # diverged or interrupted runs: how far they got
+            "counted",
+            {
+                "total_micro_batches": counter.micro_batches,
+                "total_steps": counter.optimizer_steps,
+                "samples_seen": counter.samples_seen,
+                "epochs": counter.epochs,
+            },
+        )
         summary["timings"]["wall_s"] = time.perf_counter() - START
         sinks.finish(summary)
     return summary
