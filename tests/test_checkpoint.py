@@ -104,6 +104,26 @@ def test_save_is_atomic_and_round_trips_rng_and_state(tmp_path: Path) -> None:
     assert torch.equal(torch.rand(3), expected)
 
 
+def test_a_failed_write_keeps_the_previous_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    path = tmp_path / checkpoint.LAST
+    sums = {"loss": 0.0, "correct": 0, "count": 0}
+    checkpoint.save(path, model, opt, StepCounter(optimizer_steps=1), sums, {}, 0)
+    before = path.read_bytes()
+
+    def disk_full(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        checkpoint.save(path, model, opt, StepCounter(optimizer_steps=2), sums, {}, 0)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.pt"]
+
+
 def test_resume_refuses_missing_foreign_and_different_config(tmp_path: Path) -> None:
     path = tmp_path / checkpoint.LAST
     with pytest.raises(ConfigError, match="no checkpoint at"):
