@@ -288,15 +288,20 @@ def cli() -> None:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    user_full = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    user_value = os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         main()
     except (HydraException, OmegaConfBaseException) as e:
-        if user_full or _IN_TASK:
+        if user_value == "1" or _IN_TASK:
             raise
         print(f"error: {hydra_error_line(e)}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        if user_value is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = user_value
 
 
 if __name__ == "__main__":
