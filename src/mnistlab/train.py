@@ -297,6 +297,9 @@ def cli() -> None:
             raise
         print(f"error: {hydra_error_line(e)}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # a second Ctrl-C: stop now, without the last checkpoint
+        print("interrupted (second signal): stopped without a checkpoint", file=sys.stderr)
+        sys.exit(130)
     finally:
         if user_value is None:
             os.environ.pop("HYDRA_FULL_ERROR", None)
