@@ -298,7 +298,7 @@ def cli() -> None:
         print(f"error: {hydra_error_line(e)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:  # a second Ctrl-C: stop now, without the last checkpoint
-        print("interrupted (second signal): stopped at once; the last checkpoint is kept", file=sys.stderr)
+        print("interrupted twice: stopped at once; the last checkpoint is kept", file=sys.stderr)
         sys.exit(130)
     finally:
         if user_value is None:
