@@ -194,6 +194,7 @@ def test_two_devices_count_the_plan_on_every_rank_and_write_once(two_rank_sweep:
     # written once: one folder, one set of files, one row per step, one banner in the log
     assert sorted(p.name for p in run.iterdir()) == [
         ".hydra",
+        "checkpoints",
         "metrics.jsonl",
         "summary.json",
         "train.log",

@@ -141,6 +141,57 @@ def one_line(exc: BaseException) -> str:
     return ": ".join(dict.fromkeys(keep[:3]))
 
 
+def _schema_keys(path: str) -> list[str] | None:
+    """The keys the schema allows under ``path`` ("" = the top), or None if not a section."""
+    import dataclasses
+
+    node: Any = Config
+    for part in filter(None, path.split(".")):
+        fields = {f.name: f for f in dataclasses.fields(node)}
+        if part not in fields or not dataclasses.is_dataclass(fields[part].default_factory):  # type: ignore[arg-type]
+            return None
+        node = fields[part].default_factory  # type: ignore[assignment]
+    return [f.name for f in dataclasses.fields(node)]
+
+
+def hydra_error_line(exc: BaseException) -> str:
+    """A Hydra compose error as one line naming the key, the value and what is allowed."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    if isinstance(exc, MissingConfigException) and exc.missing_cfg_file and exc.options:
+        group, _, choice = exc.missing_cfg_file.rpartition("/")
+        return f"{group}={choice!r} is not allowed: one of {', '.join(exc.options)}"
+    if isinstance(exc, OverrideParseException):
+        return f"{exc.override!r} is not a valid override: {one_line(exc)}"
+    cause = exc.__cause__
+    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and cause.full_key:
+        parent, _, _ = str(cause.full_key).rpartition(".")
+        allowed = _schema_keys(parent)
+        if allowed:
+            where = parent or "the config"
+            return f"{cause.full_key} is not a key of {where}: one of {', '.join(allowed)}"
+    return one_line(exc)
+
+
+def check_known_keys(cfg: Any) -> None:
+    """``+trainer.typo=1`` slips past Hydra's schema; refuse keys the schema doesn't know."""
+    from omegaconf import DictConfig
+
+    def walk(node: Any, path: str) -> None:
+        allowed = _schema_keys(path)
+        if allowed is None or not isinstance(node, DictConfig):
+            return
+        for key in node:
+            full = f"{path}.{key}" if path else str(key)
+            if key not in allowed:
+                where = path or "the config"
+                raise ConfigError(full, node[key], f"no such key; {where} has {', '.join(allowed)}")
+            walk(node[key], full)
+
+    walk(cfg, "")
+
+
 def _at_least(key: str, value: Any, low: int) -> None:
     if value < low:
         raise ConfigError(key, value, f"an integer >= {low}")
@@ -222,3 +273,4 @@ def validate(cfg: Any) -> None:
         _at_least("bn_stats.probe_samples", b.probe_samples, 1)
     _one_of("logger.name", cfg.logger.name, LOGGERS)
     _one_of("logger.wandb.mode", cfg.logger.wandb.mode, WANDB_MODES)
+    check_known_keys(cfg)

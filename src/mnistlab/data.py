@@ -9,6 +9,9 @@ sweep's jobs share it. torchvision is imported only when one of its datasets is 
 from __future__ import annotations
 
 import functools
+import math
+import re
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +79,50 @@ def _digits(root: str, download: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, 
     return as_x(x_tr), as_y(y_tr), as_x(x_te), as_y(y_te), 10
 
 
+# IDX element types (the magic number's third byte) and their sizes in bytes.
+_IDX_TYPES = {0x08: 1, 0x09: 1, 0x0B: 2, 0x0C: 4, 0x0D: 4, 0x0E: 8}
+
+
+def idx_problem(path: Path) -> str | None:
+    """What is wrong with one IDX file, or None. torchvision's parser only asserts, so its
+    errors don't say which file is bad or how; this names the file and the fault."""
+    data = path.read_bytes()
+    magic = int.from_bytes(data[:4].ljust(4, b"\0"), "big")
+    want_dims = re.search(r"idx(\d)", path.name)
+    nd = data[3] if len(data) >= 4 else 0
+    if (
+        len(data) < 4
+        or data[:2] != b"\0\0"
+        or data[2] not in _IDX_TYPES
+        or not 1 <= nd <= 3
+        or (want_dims is not None and nd != int(want_dims.group(1)))
+    ):
+        dims = want_dims.group(1) if want_dims else "1-3"
+        return f"{path.name} has magic number 0x{magic:08x}, not an IDX file of {dims} dimension(s)"
+    header = 4 + 4 * nd
+    if len(data) < header:
+        return f"{path.name} is truncated: {len(data)} bytes, its header alone needs {header}"
+    shape = struct.unpack(f">{nd}I", data[4:header])
+    want = header + math.prod(shape) * _IDX_TYPES[data[2]]
+    if len(data) != want:
+        kind = "truncated" if len(data) < want else "too long"
+        shape_s = "x".join(map(str, shape))
+        return f"{path.name} is {kind}: {len(data)} bytes, its header ({shape_s}) says {want}"
+    return None
+
+
+def _idx_problems(folder: Path) -> str | None:
+    """The first bad IDX file in a raw folder (compressed downloads are skipped)."""
+    if not folder.is_dir():
+        return None
+    for path in sorted(folder.iterdir()):
+        if "idx" in path.name and path.is_file() and not path.name.endswith(".gz"):
+            problem = idx_problem(path)
+            if problem:
+                return problem
+    return None
+
+
 def _torchvision(class_name: str, num_classes: int, **kwargs: object) -> Callable:
     """A loader that reads through torchvision's own dataset class (and its download path)."""
 
@@ -101,15 +148,22 @@ def _torchvision(class_name: str, num_classes: int, **kwargs: object) -> Callabl
                         f"dataset.root={root!r}: {class_name} files not found in {folder}; "
                         "set dataset.download=true or put the IDX files there"
                     ) from None
+                problem = _idx_problems(folder)
+                if problem:
+                    raise DataError(
+                        f"dataset.root={root!r}: corrupt IDX file in {folder}: {problem}; "
+                        "delete it and download again"
+                    ) from None
                 raise DataError(f"dataset.root={root!r}: could not read {folder}: {e}") from None
             except OSError as e:  # URLError, HTTPError and socket errors are OSErrors
                 raise DataError(
                     f"dataset.download=true: downloading {class_name} into {folder} failed ({e}); "
                     "check the network or place the IDX files there and set dataset.download=false"
                 ) from None
-            except (AssertionError, ValueError, IndexError) as e:
+            except (AssertionError, ValueError, IndexError, TypeError, KeyError) as e:
+                problem = _idx_problems(folder) or f"{type(e).__name__} {e}".strip()
                 raise DataError(
-                    f"dataset.root={root!r}: corrupt or truncated IDX file in {folder} ({e}); "
+                    f"dataset.root={root!r}: corrupt or truncated IDX file in {folder}: {problem}; "
                     "delete it and download again"
                 ) from None
             x = torch.as_tensor(ds.data).to(torch.float32).div_(255.0).unsqueeze(1)

@@ -11,6 +11,8 @@ only when a row is logged, so the GPU path has no per-step host sync.
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -28,6 +30,9 @@ from .steps import StepCounter, StepPlan
 
 # A hook runs after every optimizer step; it returns extra metrics to log, or None.
 StepHook = Callable[[int], "dict[str, Any] | None"]
+# A boundary hook runs after a step's row is logged and after each epoch's end (True), with
+# the counter and the running train sums: where checkpoints are taken.
+BoundaryHook = Callable[[StepCounter, "dict[str, Any]", bool], None]
 
 
 class Diverged(RuntimeError):
@@ -48,6 +53,9 @@ class LoopConfig:
     precision: str = "fp32"
     hooks: list[StepHook] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)  # kept out of rows: not deterministic
+    boundary_hooks: list[BoundaryHook] = field(default_factory=list)
+    # Test hook: SIGKILL the process after this micro-batch (a kill mid-window, for resume tests).
+    kill_at_micro_batch: int | None = None
 
 
 def epoch_order(plan: StepPlan, seed: int, epoch: int, rank: int) -> Tensor:
@@ -114,8 +122,12 @@ def fit(
     sinks: Sinks,
     cfg: LoopConfig,
     counter: StepCounter | None = None,
+    running: dict[str, Any] | None = None,
 ) -> StepCounter:
-    """Train for ``plan.epochs`` epochs; return what was really counted."""
+    """Train for ``plan.epochs`` epochs; return what was really counted.
+
+    To resume, pass the checkpoint's ``counter`` (taken at a window end) and ``running`` sums:
+    the windows already done in the current epoch are skipped."""
     counter = counter or StepCounter()
     device = train.x.device
     no_sync = getattr(model, "no_sync", contextlib.nullcontext)  # DDP skips all-reduce with it
@@ -124,11 +136,15 @@ def fit(
     run_loss, run_correct, run_count = zero.clone(), zero.clone(), 0
     eval_args = (cfg.eval_batch_size, cfg.precision)
     train_slice = Split(train.x[: len(test)], train.y[: len(test)])
+    if running:  # resuming: train sums since the last logged row
+        run_loss.fill_(running["loss"]), run_correct.fill_(running["correct"])
+        run_count = int(running["count"])
     model.train()
 
     for epoch in range(counter.epochs, plan.epochs):
         order = epoch_order(plan, cfg.seed, epoch, cfg.rank)
-        for window in windows(micro_batches(order, plan), plan.grad_accum):
+        done = counter.micro_batches - epoch * plan.micro_batches_per_epoch  # > 0 on resume
+        for window in windows(micro_batches(order, plan)[done:], plan.grad_accum):
             window_samples = sum(len(idx) for idx in window)
             for i, idx in enumerate(window):
                 last = i == len(window) - 1
@@ -146,6 +162,8 @@ def fit(
                 run_loss += loss_sum.detach().double()
                 run_correct += (out.detach().argmax(1) == y).sum()
                 run_count += len(idx)
+                if counter.micro_batches == cfg.kill_at_micro_batch:
+                    os.kill(os.getpid(), signal.SIGKILL)
 
             optimizer.step()
             regularizer.after_step(optimizer.param_groups[0]["lr"])
@@ -168,6 +186,9 @@ def fit(
                 run_count = 0
             if row:
                 sinks.log(_position(counter, plan) | row)
+            sums = {"loss": run_loss, "correct": run_correct, "count": run_count}
+            for boundary in cfg.boundary_hooks:
+                boundary(counter, sums, False)
 
         counter.epochs += 1
         if counter.epochs % cfg.eval_every_n_epochs == 0 or counter.epochs == plan.epochs:
@@ -180,6 +201,8 @@ def fit(
             row["train_test_gap"] = row["train_eval/acc"] - row["test/acc"]
             cfg.timings["eval_s"] = cfg.timings.get("eval_s", 0.0) + time.perf_counter() - t0
             sinks.log(_position(counter, plan) | row)
+        for boundary in cfg.boundary_hooks:
+            boundary(counter, {"loss": run_loss, "correct": run_correct, "count": run_count}, True)
     return counter
 
 

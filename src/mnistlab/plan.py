@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
-from .config import ConfigError, one_line, register, validate
+from .config import ConfigError, hydra_error_line, register, validate
 from .data import TRAIN_SIZES
 from .steps import StepPlan
 
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         plan, nodes = plan_from_overrides(args)
     except (ConfigError, HydraException, OmegaConfBaseException) as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
+        print(f"error: {hydra_error_line(e)}", file=sys.stderr)
         return 2
     if as_json:
         print(json.dumps(plan.as_dict(), indent=2))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from . import distributed
-from .config import ConfigError, register, resolve_threads, validate
+from .config import ConfigError, hydra_error_line, register, resolve_threads, validate
 from .data import DataError
 
 log = logging.getLogger("mnistlab")
@@ -60,14 +61,17 @@ def train_job(cfg: DictConfig, out_dir: Path, rank: int = 0, world_size: int = 1
     """Everything one process does for one run; returns the summary (rank 0's is written)."""
     import torch
 
-    from . import data, models, regularizers
-    from .loop import LoopConfig, evaluate, fit
+    from . import checkpoint, data, models, regularizers
+    from .loop import Diverged, LoopConfig, evaluate, fit
     from .sinks import ConsoleSink, JsonlSink, Sinks
-    from .steps import StepPlan
+    from .steps import StepCounter, StepPlan
 
     t, m, r = cfg.trainer, cfg.model, cfg.regularizer
     device = _select_device(t.accelerator)
     torch.manual_seed(t.seed)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    ckpt_path = out_dir / checkpoint.LAST
+    resumed = checkpoint.load_for_resume(ckpt_path, config) if t.resume else None  # type: ignore[arg-type]
 
     ds = data.load(
         cfg.dataset.name,
@@ -93,13 +97,37 @@ def train_job(cfg: DictConfig, out_dir: Path, rank: int = 0, world_size: int = 1
     ).to(device)
     reg = regularizers.build(model, r.l1, r.l2, r.l1_mode, r.l2_mode, r.exclude_bn_and_bias)
     optimizer = _optimizer(cfg, model.parameters())
+    counter, running = StepCounter(), None
+    metrics_path = out_dir / "metrics.jsonl"
+    if resumed is not None:
+        counter, running = checkpoint.restore(resumed, model, optimizer)
+        if counter.epochs > t.epochs:
+            raise ConfigError(
+                "trainer.epochs", t.epochs, f"at least {counter.epochs} (epochs already done)"
+            )
+        if rank == 0:
+            checkpoint.truncate(metrics_path, resumed["metrics_bytes"])
+            log.info("resuming from %s at optimizer step %d", ckpt_path, counter.optimizer_steps)
     model = distributed.wrap(model, device, world_size, m.sync_bn)  # DDP when world_size > 1
 
     sinks = Sinks()
     if rank == 0:
+        done = counter.optimizer_steps
         sinks = Sinks(
-            [ConsoleSink(plan.total_steps, t.progress), JsonlSink(out_dir / "metrics.jsonl")]
+            [
+                ConsoleSink(plan.total_steps, t.progress, initial=done),
+                JsonlSink(metrics_path, append=resumed is not None),
+            ]
         )
+    ckpt = checkpoint.Checkpointer(
+        ckpt_path,
+        distributed.unwrap(model),
+        optimizer,
+        config,  # type: ignore[arg-type]
+        t.checkpoint_every_n_steps,
+        metrics_path if rank == 0 else None,
+        write=rank == 0,
+    )
     log_every = t.log_every_n_steps or max(1, plan.total_steps // 50)
 
     def weight_metrics(step: int) -> dict[str, Any] | None:
@@ -114,6 +142,8 @@ def train_job(cfg: DictConfig, out_dir: Path, rank: int = 0, world_size: int = 1
         eval_every_n_epochs=t.eval_every_n_epochs,
         eval_batch_size=t.eval_batch_size,
         precision=t.precision,
+        boundary_hooks=[ckpt],
+        kill_at_micro_batch=int(os.environ.get("MNISTLAB_TEST_KILL_AT_MICRO_BATCH", 0)) or None,
     )
     fault = distributed.fault_hook(rank)  # test hook, see distributed.py
     if fault is not None:
@@ -121,10 +151,20 @@ def train_job(cfg: DictConfig, out_dir: Path, rank: int = 0, world_size: int = 1
 
     summary: dict[str, Any] = {"status": "failed", "plan": plan.as_dict()}
     summary.update(world_size=world_size, backend=distributed.current_backend())
+    if resumed is not None:
+        summary["resumed_from_step"] = counter.optimizer_steps
     t_start = time.perf_counter()
     summary["timings"] = {"startup_s": t_start - START}
+    start_samples = counter.samples_seen
+    if resumed is not None:
+        checkpoint.set_rng_state(resumed["rng"])
+    else:  # step 0: a diverged or killed run always has a checkpoint to go back to
+        ckpt.save(StepCounter(), {"loss": 0.0, "correct": 0.0, "count": 0})
     try:
-        counter = fit(model, optimizer, reg, plan, train, test, sinks, loop_cfg)
+        with ckpt.stop_on_signals():
+            counter = fit(
+                model, optimizer, reg, plan, train, test, sinks, loop_cfg, counter, running
+            )
         train_s = time.perf_counter() - t_start
         final_test = evaluate(model, test, t.eval_batch_size, t.precision)
         final_train = evaluate(model, train, t.eval_batch_size, t.precision)
@@ -161,9 +201,36 @@ def train_job(cfg: DictConfig, out_dir: Path, rank: int = 0, world_size: int = 1
         summary["timings"].update(
             train_s=train_s,
             eval_s=loop_cfg.timings.get("eval_s", 0.0),
-            samples_per_s=counter.samples_seen / train_s if train_s > 0 else None,
+            samples_per_s=(counter.samples_seen - start_samples) / train_s if train_s > 0 else None,
+        )
+    except Diverged as e:
+        lr = cfg.optimizer.lr
+        kept = f"last checkpoint (step {ckpt.last_saved_step}) kept in {ckpt_path}"
+        summary.update(
+            status="diverged",
+            diverged_at_step=e.step,
+            last_checkpoint_step=ckpt.last_saved_step,
+            error=f"error: loss became {e.loss} at optimizer step {e.step}; try a lower "
+            f"optimizer.lr (now {lr}){'; ' + kept if ckpt.last_saved_step is not None else ''}",
+        )
+    except checkpoint.Interrupted as e:
+        summary.update(
+            status="interrupted",
+            interrupted_at_step=e.step,
+            signal=e.signum,
+            error=f"{e}; checkpoint saved in {ckpt_path}; continue with: python -m mnistlab.train "
+            f"hydra.run.dir={out_dir} trainer.resume=true",
         )
     finally:
+        summary.setdefault(  # diverged or interrupted runs: how far they got
+            "counted",
+            {
+                "total_micro_batches": counter.micro_batches,
+                "total_steps": counter.optimizer_steps,
+                "samples_seen": counter.samples_seen,
+                "epochs": counter.epochs,
+            },
+        )
         summary["timings"]["wall_s"] = time.perf_counter() - START
         sinks.finish(summary)
     return summary
@@ -178,6 +245,8 @@ def run(cfg: DictConfig) -> float:
     error: str | None = None
     code = 1
     launch = None
+    global _IN_TASK
+    _IN_TASK = True
     try:
         validate(cfg)
         launch = distributed.plan_launch(cfg)
@@ -203,18 +272,28 @@ def run(cfg: DictConfig) -> float:
         error = summary.get("error")
     except (ConfigError, DataError) as e:
         error, code = f"error: {e}", 2
+        if cfg.trainer.resume:  # keep the folder being resumed as it was: nothing was run
+            _IN_TASK = False
+            print(error, file=sys.stderr, flush=True)
+            if not multirun:
+                sys.exit(code)
+            return math.nan
     except distributed.WorkerError as e:  # one line: which rank, which error
         error, code = f"error: {e}", 2 if e.user_error else 1
     except Exception as e:  # anything else: still leave a summary, then show the traceback
         summary["error"] = f"{type(e).__name__}: {e}"
         if launch is None or launch.rank == 0:
             _finish(out_dir, summary, cfg, hc)
-        raise
+        raise  # _IN_TASK stays True: cli() lets this traceback through
+    _IN_TASK = False
     if error:
         summary["error"] = error
     rank = launch.rank if launch is not None else 0
     if rank == 0:  # only rank 0 writes (under torchrun every rank runs this function)
         _finish(out_dir, summary, cfg, hc)
+    if summary["status"] == "interrupted":  # stop a sweep too: the user asked to stop
+        print(error, file=sys.stderr, flush=True)
+        sys.exit(128 + summary["signal"])
     if summary["status"] != "completed":
         print(error or "error: run failed", file=sys.stderr, flush=True)
         if not multirun or (launch is not None and launch.mode == "torchrun"):
@@ -268,5 +347,37 @@ def main(cfg: DictConfig) -> float:
     return run(cfg)
 
 
+# True while a job runs: an OmegaConf error raised there is a bug (traceback), not a user's.
+_IN_TASK = False
+
+
+def cli() -> None:
+    """``main`` with Hydra's compose errors (unknown key or choice, wrong type, bad override
+    syntax) as one ``error:`` line and exit code 2 instead of Hydra's multi-line report.
+
+    Hydra prints those itself inside ``run_and_report`` unless ``HYDRA_FULL_ERROR=1``, so we
+    set it, catch what comes out and condense it; a user who set it gets the full trace."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    user_value = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        main()
+    except (HydraException, OmegaConfBaseException) as e:
+        if user_value == "1" or _IN_TASK:
+            raise
+        print(f"error: {hydra_error_line(e)}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:  # a second Ctrl-C: stop now, without the last checkpoint
+        print("interrupted twice: stopped at once; the last checkpoint is kept", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        if user_value is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = user_value
+
+
 if __name__ == "__main__":
-    main()
+    cli()

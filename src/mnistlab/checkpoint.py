@@ -1,0 +1,267 @@
+"""Checkpoints: everything a run needs to continue bit for bit, written atomically.
+
+A checkpoint is taken only at an optimizer-step boundary (the end of an accumulation window),
+so the position within an epoch is just the number of micro-batches already done in it: the
+data order of an epoch is a pure function of (seed, epoch, rank) (``loop.epoch_order``), and
+the loop skips the windows already done. ``checkpoints/last.pt`` holds the model (BN buffers
+included), the optimizer, the RNG states (torch, CUDA, numpy, python), the step counter, the
+running train loss/accuracy since the last logged row, the resolved config and how many bytes
+of ``metrics.jsonl`` were written, so a resumed run logs exactly the rows an uninterrupted
+one would.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import signal
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import ConfigError
+from .loop import Diverged
+from .sinks import atomic_write_bytes
+from .steps import StepCounter
+
+LAST = Path("checkpoints") / "last.pt"
+VERSION = 1
+
+# Keys that may differ between a run and its resumption: they change neither the model nor
+# the data order. ``trainer.epochs`` may grow, to extend a finished or running training.
+MAY_CHANGE = (
+    "trainer.resume",
+    "trainer.epochs",
+    "trainer.progress",
+    "trainer.num_threads",
+    "trainer.checkpoint_every_n_steps",
+    "dataset.root",
+    "dataset.download",
+    "logger.wandb.mode",
+)
+
+# Test hook (documented in the README): SIGKILL the process right after its N-th checkpoint.
+KILL_AFTER_ENV = "MNISTLAB_TEST_KILL_AFTER_CHECKPOINT"
+
+
+class Interrupted(RuntimeError):
+    """SIGTERM or SIGINT arrived; a checkpoint was written at ``step``."""
+
+    def __init__(self, signum: int, step: int) -> None:
+        self.signum, self.step = signum, step
+        super().__init__(f"interrupted by {signal.Signals(signum).name} at optimizer step {step}")
+
+
+def rng_state() -> dict[str, Any]:
+    """Every random stream training draws from (dropout, init); numpy's as plain ints so the
+    file loads with ``weights_only=True``."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [kind, [int(k) for k in keys], int(pos), int(has_gauss), float(gauss)],
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)  # DDP wraps the real model
+
+
+def save(
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    counter: StepCounter,
+    running: Mapping[str, Any],
+    config: Mapping[str, Any],
+    metrics_bytes: int,
+    extra: Mapping[str, Any] | None = None,
+) -> None:
+    """Write ``path`` atomically: serialize in memory, then temp file, fsync, rename."""
+    state = {
+        "version": VERSION,
+        "model": _unwrap(model).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "counter": asdict(counter),
+        "running": {
+            "loss": float(running["loss"]),
+            "correct": float(running["correct"]),
+            "count": int(running["count"]),
+        },
+        "rng": rng_state(),
+        "config": dict(config),
+        "metrics_bytes": int(metrics_bytes),
+        "extra": dict(extra or {}),
+    }
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``: config differences named by their keys."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+    """``key (saved -> now)`` for every key that differs and may not change on resume."""
+    a, b = flatten(saved), flatten(now)
+    keys = sorted(set(a) | set(b))
+    return [
+        f"{k} ({a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r})"
+        for k in keys
+        if k not in MAY_CHANGE and a.get(k, "<absent>") != b.get(k, "<absent>")
+    ]
+
+
+def load_for_resume(path: Path, config: Mapping[str, Any]) -> dict[str, Any]:
+    """The checkpoint to resume from, or one ConfigError line saying why there is none."""
+    if not path.is_file():
+        raise ConfigError(
+            "trainer.resume",
+            True,
+            f"no checkpoint at {path}; point hydra.run.dir at the folder of the run to resume",
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a checkpoint from elsewhere, or a foreign file
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(
+            "trainer.resume", True, f"{path} is not a readable checkpoint ({msg})"
+        ) from None
+    if not isinstance(state, dict) or state.get("version") != VERSION:
+        raise ConfigError("trainer.resume", True, f"{path} is not a mnistlab checkpoint v{VERSION}")
+    diffs = config_differences(state["config"], config)
+    if diffs:
+        raise ConfigError(
+            "trainer.resume",
+            True,
+            f"{path} was written with a different config: {'; '.join(diffs)} "
+            f"(only {', '.join(MAY_CHANGE)} may change)",
+        )
+    return state
+
+
+def restore(
+    state: Mapping[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[StepCounter, dict[str, Any]]:
+    """Load model and optimizer; return the counter and running sums. RNG is set last, by
+    :func:`set_rng_state`, just before the loop starts (building the model draws from it)."""
+    _unwrap(model).load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    return StepCounter(**state["counter"]), dict(state["running"])
+
+
+def truncate(path: Path, size: int) -> None:
+    """Drop the rows logged after the checkpoint: the resumed run logs them again."""
+    if path.exists() and path.stat().st_size > size:
+        with open(path, "r+b") as f:
+            f.truncate(size)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+class Checkpointer:
+    """The loop's step-end hook: saves ``last.pt`` at every epoch end, every
+    ``every_n_steps`` optimizer steps, and when SIGTERM/SIGINT arrived (then stops the run).
+
+    Only rank 0 writes; every rank stops at the same step boundary.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        config: Mapping[str, Any],
+        every_n_steps: int | None,
+        metrics_path: Path | None,
+        write: bool = True,
+    ) -> None:
+        self.path, self.model, self.optimizer = Path(path), model, optimizer
+        self.config, self.every, self.metrics_path = config, every_n_steps, metrics_path
+        self.write = write
+        self.stop_signal: int | None = None
+        self.saved = 0
+        self.last_saved_step: int | None = None
+        self.extra: dict[str, Any] = {}  # e.g. the W&B run id, for the run to resume under
+        self.kill_after = int(os.environ.get(KILL_AFTER_ENV, "0") or 0)
+
+    def __call__(self, counter: StepCounter, running: Mapping[str, Any], epoch_end: bool) -> None:
+        step = counter.optimizer_steps
+        due = epoch_end or self.stop_signal is not None
+        due = due or (self.every is not None and step % self.every == 0)
+        if due:
+            self.save(counter, running)
+        if self.stop_signal is not None:
+            raise Interrupted(self.stop_signal, step)
+
+    def save(self, counter: StepCounter, running: Mapping[str, Any]) -> None:
+        # Never keep a checkpoint of a diverged model: the loss check may be sparse on GPU.
+        finite = torch.isfinite(torch.as_tensor(float(running["loss"])))
+        finite = finite and all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
+        if not finite:
+            raise Diverged(counter.optimizer_steps, float("nan"))
+        if self.write:
+            size = self.metrics_path.stat().st_size if self.metrics_path else 0
+            save(
+                self.path,
+                self.model,
+                self.optimizer,
+                counter,
+                running,
+                self.config,
+                size,
+                self.extra,
+            )
+        self.saved += 1
+        self.last_saved_step = counter.optimizer_steps
+        if self.kill_after and self.saved == self.kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    @contextmanager
+    def stop_on_signals(self) -> Iterator[None]:
+        """SIGTERM/SIGINT set a flag; the next step boundary saves and stops. A second one
+        stops at once (KeyboardInterrupt)."""
+
+        def handler(signum: int, frame: Any) -> None:
+            if self.stop_signal is not None:
+                raise KeyboardInterrupt
+            self.stop_signal = signum
+
+        previous: dict[int, Callable[..., Any] | int | None] = {}
+        try:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                previous[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread: leave the signals alone
+            pass
+        try:
+            yield
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
