@@ -318,3 +318,14 @@ def test_submitit_local_launcher_runs_a_two_job_sweep(tmp_path: Path) -> None:
     assert two["distributed"]["params_identical_across_ranks"]
     steps = {c["total_steps"] for c in two["distributed"]["counted_per_rank"]}
     assert steps == {two["plan"]["total_steps"]} and two["plan"]["grad_accum"] == 2
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_are_deterministic(tmp_path: Path) -> None:
+    """Same seed, 2 ranks, accumulation and dropout: identical metrics.jsonl, twice."""
+    args = (*TINY, "trainer.devices=2", "trainer.grad_accum=2", "regularizer=dropout")
+    for name in ("a", "b"):
+        p = run_app(tmp_path / name, *args)
+        assert p.returncode == 0, p.stderr
+    rows_a = (tmp_path / "a" / "metrics.jsonl").read_text()
+    assert rows_a and rows_a == (tmp_path / "b" / "metrics.jsonl").read_text()
