@@ -125,7 +125,7 @@ def fit(
     model.train()
 
     for epoch in range(counter.epochs, plan.epochs):
-        order = epoch_order(plan, cfg.seed, epoch, cfg.rank)
+        order = epoch_order(plan, cfg.seed, epoch, cfg.rank).to(device)  # no per-batch copies
         for window in windows(micro_batches(order, plan), plan.grad_accum):
             window_samples = sum(len(idx) for idx in window)
             for i, idx in enumerate(window):

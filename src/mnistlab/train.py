@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -88,6 +89,11 @@ def train_job(cfg: DictConfig, out_dir: Path, rank: int = 0, world_size: int = 1
     model = models.build(
         m.name, ds.image_shape, ds.num_classes, m.hidden, m.channels, m.bn, m.bn_momentum, r.dropout
     ).to(device)
+    if m.name == "cnn" and device.type == "cuda":  # NHWC: cuDNN's fast layout for convolutions
+        model = model.to(memory_format=torch.channels_last)
+        nhwc = torch.channels_last
+        train = data.Split(train.x.contiguous(memory_format=nhwc), train.y)
+        test = data.Split(test.x.contiguous(memory_format=nhwc), test.y)
     reg = regularizers.build(model, r.l1, r.l2, r.l1_mode, r.l2_mode, r.exclude_bn_and_bias)
     optimizer = _optimizer(cfg, model.parameters())
 
@@ -102,10 +108,14 @@ def train_job(cfg: DictConfig, out_dir: Path, rank: int = 0, world_size: int = 1
         eval_batch_size=t.eval_batch_size,
         precision=t.precision,
     )
+    loop_cfg.hooks.append(_first_step_clock(loop_cfg.timings))
+    if t.compile:
+        model.compile()  # in place: module names (BN layers, regularized weights) stay the same
 
     summary: dict[str, Any] = {"status": "failed", "plan": plan.as_dict()}
     t_start = time.perf_counter()
     summary["timings"] = {"startup_s": t_start - START}
+    summary["num_threads"] = torch.get_num_threads()
     try:
         counter = fit(model, optimizer, reg, plan, train, test, sinks, loop_cfg)
         train_s = time.perf_counter() - t_start
@@ -136,12 +146,40 @@ def train_job(cfg: DictConfig, out_dir: Path, rank: int = 0, world_size: int = 1
         summary["timings"].update(
             train_s=train_s,
             eval_s=loop_cfg.timings.get("eval_s", 0.0),
+            first_step_s=loop_cfg.timings.get("first_step_s"),
+            first_step_unix=loop_cfg.timings.get("first_step_unix"),
             samples_per_s=counter.samples_seen / train_s if train_s > 0 else None,
         )
     finally:
         summary["timings"]["wall_s"] = time.perf_counter() - START
         sinks.finish(summary)
     return summary
+
+
+def _first_step_clock(timings: dict[str, float]) -> Any:
+    """A step hook that notes when the first optimizer step ended (``scripts/bench.py`` reads
+    ``first_step_unix`` to time a command from its start to its first step)."""
+
+    def hook(step: int) -> None:
+        if step == 1 and "first_step_s" not in timings:
+            timings["first_step_s"] = time.perf_counter() - START
+            timings["first_step_unix"] = time.time()
+
+    return hook
+
+
+def parallel_jobs(hc: Any) -> int:
+    """How many jobs of this sweep run at once here: the joblib launcher's ``n_jobs``
+    (joblib's convention: -1 = every core, -2 = all but one), else 1."""
+    if hc.mode != RunMode.MULTIRUN:
+        return 1
+    n_jobs = OmegaConf.select(hc, "launcher.n_jobs", default=None)
+    if n_jobs is None:
+        return 1
+    if n_jobs < 0:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        return max(1, (cores or 1) + 1 + n_jobs)
+    return max(1, n_jobs)
 
 
 def run(cfg: DictConfig) -> float:
@@ -156,7 +194,7 @@ def run(cfg: DictConfig) -> float:
     code = 1
     try:
         validate(cfg)
-        threads = resolve_threads(cfg.trainer.num_threads)
+        threads = resolve_threads(cfg.trainer.num_threads, cfg.trainer.devices, parallel_jobs(hc))
         import torch
 
         torch.set_num_threads(threads)
