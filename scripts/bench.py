@@ -498,7 +498,8 @@ def row_startup(b: Bench) -> list[Row]:
         app(["-X", "importtime", *common, f"hydra.run.dir={runs / 'imports'}"], b.threads, True)
     )
     heavy = ("torchvision", "wandb", "matplotlib", "sklearn")
-    seen = {h for h in heavy for line in err.splitlines() if line.rstrip().endswith(f"| {h}")}
+    names = {line.rsplit("|", 1)[-1].strip() for line in err.splitlines() if "|" in line}
+    seen = {h for h in heavy if any(n == h or n.startswith(h + ".") for n in names)}
     tops = {}
     for line in err.splitlines():
         parts = line.split("|")
@@ -610,10 +611,10 @@ def row_cuda(b: Bench) -> list[Row]:
     """bf16 autocast, torch.compile and channels_last cnn, each against fp32 eager."""
     if b.device != "cuda":
         return []
-    n = b.n(61440, 4096)
+    n, epochs = b.n(30720, 4096), b.n(2, 1)
     rows = []
     for model in ("mlp", "cnn"):
-        over = mnist_overrides(b, model, n, batch=512)
+        over = mnist_overrides(b, model, n, batch=512, epochs=epochs)
         base = train_rate(ours(b, over)[0])
         for extra, label in (
             ("trainer.precision=bf16", "bf16"),
@@ -625,7 +626,8 @@ def row_cuda(b: Bench) -> list[Row]:
                     f"cuda_{model}_{label}",
                     f"{fmt_rate(rate)} vs {fmt_rate(base)} fp32 eager",
                     ratio=f"{rate / base:.2f}x",
-                    note=f"batch 512, {n} samples" + (", channels_last" if model == "cnn" else ""),
+                    note=f"batch 512, {n} samples x {epochs} epoch(s)"
+                    + (", channels_last" if model == "cnn" else ""),
                 )
             )
     return rows
