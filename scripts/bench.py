@@ -485,7 +485,7 @@ def row_overheads_mnist(b: Bench) -> list[Row]:
 def row_startup(b: Bench) -> list[Row]:
     runs = b.work / "startup"
     common = ["-m", "mnistlab.train", "trainer.epochs=1", "logger=none", "trainer.progress=none"]
-    common.append(f"trainer.accelerator={b.device}")
+    common += [f"trainer.accelerator={b.device}", f"trainer.num_threads={b.threads}"]
     t0 = time.time()
     wait(app(["-c", "import torch"], b.threads))
     floor = time.time() - t0
@@ -542,6 +542,7 @@ def row_sweep(b: Bench) -> list[Row]:
         "logger=none",
         "trainer.progress=none",
         f"trainer.accelerator={b.device}",
+        f"trainer.num_threads={b.threads}",
     ]
     if b.quick:
         args.append("dataset.limit_train=320")
