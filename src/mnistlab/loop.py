@@ -142,7 +142,7 @@ def fit(
     model.train()
 
     for epoch in range(counter.epochs, plan.epochs):
-        order = epoch_order(plan, cfg.seed, epoch, cfg.rank)
+        order = epoch_order(plan, cfg.seed, epoch, cfg.rank).to(device)  # no per-batch copies
         done = counter.micro_batches - epoch * plan.micro_batches_per_epoch  # > 0 on resume
         for window in windows(micro_batches(order, plan)[done:], plan.grad_accum):
             window_samples = sum(len(idx) for idx in window)

@@ -95,6 +95,11 @@ def train_job(cfg: DictConfig, out_dir: Path, rank: int = 0, world_size: int = 1
     model = models.build(
         m.name, ds.image_shape, ds.num_classes, m.hidden, m.channels, m.bn, m.bn_momentum, r.dropout
     ).to(device)
+    if m.name == "cnn" and device.type == "cuda":  # NHWC: cuDNN's fast layout for convolutions
+        model = model.to(memory_format=torch.channels_last)
+        nhwc = torch.channels_last
+        train = data.Split(train.x.contiguous(memory_format=nhwc), train.y)
+        test = data.Split(test.x.contiguous(memory_format=nhwc), test.y)
     reg = regularizers.build(model, r.l1, r.l2, r.l1_mode, r.l2_mode, r.exclude_bn_and_bias)
     optimizer = _optimizer(cfg, model.parameters())
     counter, running = StepCounter(), None
@@ -148,6 +153,9 @@ def train_job(cfg: DictConfig, out_dir: Path, rank: int = 0, world_size: int = 1
     fault = distributed.fault_hook(rank)  # test hook, see distributed.py
     if fault is not None:
         loop_cfg.hooks.append(fault)
+    loop_cfg.hooks.append(_first_step_clock(loop_cfg.timings))
+    if t.compile:
+        model.compile()  # in place: module names (BN layers, regularized weights) stay the same
 
     summary: dict[str, Any] = {"status": "failed", "plan": plan.as_dict()}
     summary.update(world_size=world_size, backend=distributed.current_backend())
@@ -160,6 +168,7 @@ def train_job(cfg: DictConfig, out_dir: Path, rank: int = 0, world_size: int = 1
         checkpoint.set_rng_state(resumed["rng"])
     else:  # step 0: a diverged or killed run always has a checkpoint to go back to
         ckpt.save(StepCounter(), {"loss": 0.0, "correct": 0.0, "count": 0})
+    summary["num_threads"] = torch.get_num_threads()
     try:
         with ckpt.stop_on_signals():
             counter = fit(
@@ -201,6 +210,8 @@ def train_job(cfg: DictConfig, out_dir: Path, rank: int = 0, world_size: int = 1
         summary["timings"].update(
             train_s=train_s,
             eval_s=loop_cfg.timings.get("eval_s", 0.0),
+            first_step_s=loop_cfg.timings.get("first_step_s"),
+            first_step_unix=loop_cfg.timings.get("first_step_unix"),
             samples_per_s=(counter.samples_seen - start_samples) / train_s if train_s > 0 else None,
         )
     except Diverged as e:
@@ -236,6 +247,32 @@ def train_job(cfg: DictConfig, out_dir: Path, rank: int = 0, world_size: int = 1
     return summary
 
 
+def _first_step_clock(timings: dict[str, float]) -> Any:
+    """A step hook that notes when the first optimizer step ended (``scripts/bench.py`` reads
+    ``first_step_unix`` to time a command from its start to its first step)."""
+
+    def hook(step: int) -> None:
+        if step == 1 and "first_step_s" not in timings:
+            timings["first_step_s"] = time.perf_counter() - START
+            timings["first_step_unix"] = time.time()
+
+    return hook
+
+
+def parallel_jobs(hc: Any) -> int:
+    """How many jobs of this sweep run at once here: the joblib launcher's ``n_jobs``
+    (joblib's convention: -1 = every core, -2 = all but one), else 1."""
+    if hc.mode != RunMode.MULTIRUN:
+        return 1
+    n_jobs = OmegaConf.select(hc, "launcher.n_jobs", default=None)
+    if n_jobs is None:
+        return 1
+    if n_jobs < 0:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        return max(1, (cores or 1) + 1 + n_jobs)
+    return max(1, n_jobs)
+
+
 def run(cfg: DictConfig) -> float:
     """One Hydra job: validate, train, write ``summary.json``; return the sweep objective."""
     hc = HydraConfig.get()
@@ -264,7 +301,7 @@ def run(cfg: DictConfig) -> float:
                 num_threads=cfg.trainer.num_threads,
             )[0]
         else:
-            threads = resolve_threads(cfg.trainer.num_threads)
+            threads = resolve_threads(cfg.trainer.num_threads, 1, parallel_jobs(hc))
             import torch
 
             torch.set_num_threads(threads)

@@ -1,0 +1,86 @@
+"""The GPU path: run by ``scripts/gpu_check.sh`` on a machine with CUDA, skipped elsewhere.
+
+Data resident on the device, no per-step host syncs, bf16 autocast, ``torch.compile`` and
+channels_last for the cnn, each through the real ``train_job`` on the bundled digits.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from mnistlab.config import register, validate
+from mnistlab.plan import CONF_DIR
+from mnistlab.train import train_job
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+def run(tmp_path: Path, *overrides: str) -> dict[str, Any]:
+    register()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["trainer.progress=none", *overrides])
+    validate(cfg)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    return train_job(cfg, tmp_path)
+
+
+def test_cuda_run_matches_cpu_accounting_and_learns(tmp_path: Path) -> None:
+    gpu = run(tmp_path / "gpu", "trainer.accelerator=cuda", "trainer.epochs=5")
+    cpu = run(tmp_path / "cpu", "trainer.accelerator=cpu", "trainer.epochs=5")
+    assert gpu["status"] == "completed" and gpu["accounting_matches_plan"]
+    assert gpu["counted"] == cpu["counted"]
+    assert gpu["final"]["test/acc"] > 0.93
+    assert abs(gpu["final"]["test/acc"] - cpu["final"]["test/acc"]) < 0.03
+
+
+def syncs_during_run(tmp_path: Path, epochs: int) -> tuple[int, dict[str, Any]]:
+    """Synchronizing CUDA calls of one run, as PyTorch's sync debug mode reports them."""
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            s = run(
+                tmp_path,
+                "trainer.accelerator=cuda",
+                f"trainer.epochs={epochs}",
+                "trainer.log_every_n_steps=100000",  # rows only at the end
+            )
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    return sum("synchroniz" in str(w.message).lower() for w in caught), s
+
+
+def test_no_per_step_host_sync(tmp_path: Path) -> None:
+    """Set-up (copies to the device) syncs once; each epoch adds a few (its index copy and the
+    test evaluation), never one per optimizer step (45 per epoch here)."""
+    two, s2 = syncs_during_run(tmp_path / "two", 2)
+    four, s4 = syncs_during_run(tmp_path / "four", 4)
+    assert s2["status"] == s4["status"] == "completed"
+    steps_per_epoch = s4["plan"]["steps_per_epoch"]
+    assert steps_per_epoch == 45
+    per_epoch = (four - two) / 2
+    assert per_epoch < steps_per_epoch / 5, (two, four)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("trainer.precision=bf16",),
+        ("trainer.compile=true",),
+        ("model=cnn",),
+        ("model=cnn", "trainer.precision=bf16"),
+    ],
+)
+def test_gpu_options_complete_and_learn(tmp_path: Path, overrides: tuple[str, ...]) -> None:
+    s = run(tmp_path, "trainer.accelerator=cuda", "trainer.epochs=5", *overrides)
+    assert s["status"] == "completed" and s["accounting_matches_plan"]
+    assert s["final"]["test/acc"] > 0.85, s["final"]

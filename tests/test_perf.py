@@ -1,0 +1,98 @@
+"""The performance plumbing: first-step clock, thread split, lazy heavy imports, the bench.
+
+No timed assertions: these check that the numbers exist and that the code paths behave.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from mnistlab.config import register, resolve_threads, validate
+from mnistlab.plan import CONF_DIR
+from mnistlab.train import train_job
+
+from conftest import ROOT, read_summary, run_app
+
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def test_summary_records_first_step_and_threads(tmp_path: Path) -> None:
+    register()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(
+            config_name="config",
+            overrides=["trainer.epochs=1", "trainer.progress=none", "trainer.accelerator=cpu"],
+        )
+    validate(cfg)
+    s = train_job(cfg, tmp_path)
+    t = s["timings"]
+    assert s["status"] == "completed"
+    assert t["startup_s"] <= t["first_step_s"] <= t["wall_s"]
+    assert t["first_step_unix"] > 1.6e9
+    assert s["num_threads"] == torch.get_num_threads()
+
+
+def test_auto_threads_divide_cores() -> None:
+    assert resolve_threads("auto") == CORES
+    assert resolve_threads("auto", 1, CORES) == 1
+    assert resolve_threads("auto", 2, 4 * CORES) == 1  # never below one
+    assert resolve_threads(3, 1, 2) == 3  # an explicit count is kept
+
+
+@pytest.mark.slow
+def test_joblib_sweep_splits_threads_among_parallel_jobs(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    args = [
+        sys.executable,
+        "-m",
+        "mnistlab.train",
+        "-m",
+        f"hydra.sweep.dir={sweep}",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        "trainer.seed=0,1",
+        "trainer.epochs=1",
+        "dataset.limit_train=128",
+        "trainer.progress=none",
+    ]
+    p = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=env, timeout=240)
+    assert p.returncode == 0, p.stderr[-2000:]
+    for job in ("0", "1"):
+        assert read_summary(sweep / job)["num_threads"] == max(1, CORES // 2)
+
+
+@pytest.mark.slow
+def test_default_run_imports_neither_torchvision_nor_wandb(tmp_path: Path) -> None:
+    """The default digits run needs neither; they are imported only when a run uses them."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    args = [sys.executable, "-X", "importtime", "-m", "mnistlab.train"]
+    args += [f"hydra.run.dir={tmp_path}", "trainer.epochs=1", "trainer.progress=none"]
+    p = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=env, timeout=240)
+    assert p.returncode == 0, p.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in p.stderr.splitlines() if "|" in line}
+    assert "torch" in imported and "mnistlab.loop" in imported  # the probe sees real imports
+    assert not {m for m in imported if m.split(".")[0] in ("torchvision", "wandb")}
+    assert read_summary(tmp_path)["status"] == "completed"
+
+
+@pytest.mark.slow
+def test_mnist_run_uses_torchvision(tmp_path: Path, mnist_root: Path) -> None:
+    """...and the lazy import still works when a torchvision dataset is asked for."""
+    p = run_app(
+        tmp_path,
+        "dataset=mnist",
+        f"dataset.root={mnist_root}",
+        "dataset.download=false",
+        "trainer.epochs=1",
+        "trainer.progress=none",
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert read_summary(tmp_path)["status"] == "completed"
