@@ -57,8 +57,8 @@ def train_job(cfg: DictConfig, out_dir: Path, rank: int = 0, world_size: int = 1
     """Everything one process does for one run; returns the summary (rank 0's is written)."""
     import torch
 
-    from . import data, models, regularizers
-    from .loop import LoopConfig, evaluate, fit
+    from . import bnstats, data, models, regularizers
+    from .loop import LoopConfig, _position, evaluate, fit
     from .sinks import ConsoleSink, JsonlSink, Sinks
     from .steps import StepPlan
 
@@ -102,6 +102,13 @@ def train_job(cfg: DictConfig, out_dir: Path, rank: int = 0, world_size: int = 1
         eval_batch_size=t.eval_batch_size,
         precision=t.precision,
     )
+    b = cfg.bn_stats
+    monitor = bnstats.Monitor(
+        model, train.x, batch_size=t.batch_size, total_steps=plan.total_steps,
+        every_n_steps=b.every_n_steps, probe_samples=b.probe_samples, seed=t.seed,
+        chunk_size=t.eval_batch_size, precision=t.precision, rank=rank, world_size=world_size,
+    )  # fmt: skip
+    loop_cfg.hooks.append(monitor)
 
     summary: dict[str, Any] = {"status": "failed", "plan": plan.as_dict()}
     t_start = time.perf_counter()
@@ -109,6 +116,12 @@ def train_job(cfg: DictConfig, out_dir: Path, rank: int = 0, world_size: int = 1
     try:
         counter = fit(model, optimizer, reg, plan, train, test, sinks, loop_cfg)
         train_s = time.perf_counter() - t_start
+        bn_row, bn_part = monitor.finish(
+            counter.micro_batches, counter.optimizer_steps, b.recalibrate,
+            lambda: evaluate(model, test, t.eval_batch_size, t.precision)["acc"],
+        )  # fmt: skip
+        if bn_row:
+            sinks.log(_position(counter, plan) | bn_row)
         final_test = evaluate(model, test, t.eval_batch_size, t.precision)
         final_train = evaluate(model, train, t.eval_batch_size, t.precision)
         mismatches = counter.compare(plan)
@@ -132,10 +145,13 @@ def train_job(cfg: DictConfig, out_dir: Path, rank: int = 0, world_size: int = 1
             "train/acc": final_train["acc"],
             "train_test_gap": final_train["acc"] - final_test["acc"],
             **reg.metrics(),
+            **bn_part.pop("final", {}),
         }
+        summary.update(bn_part)
         summary["timings"].update(
             train_s=train_s,
             eval_s=loop_cfg.timings.get("eval_s", 0.0),
+            bn_stats_s=monitor.seconds,
             samples_per_s=counter.samples_seen / train_s if train_s > 0 else None,
         )
     finally:
