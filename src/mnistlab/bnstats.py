@@ -365,7 +365,9 @@ def layer_gaps(layer: _BatchNorm, stats: LayerStats) -> dict[str, float]:
     return out
 
 
-def aggregate(per_layer: dict[str, dict[str, float]], suffix: str = "") -> dict[str, float]:
+def aggregate(
+    per_layer: dict[str, dict[str, float]], suffix: str = "", with_theory: bool = True
+) -> dict[str, float]:
     """Layer aggregates: means of the per-layer means, maxima of the maxima."""
     if not per_layer:
         return {}
@@ -380,7 +382,7 @@ def aggregate(per_layer: dict[str, dict[str, float]], suffix: str = "") -> dict[
         "bn/logvar_ratio_mean": mean("logvar_ratio_mean"),
         "bn/logvar_ratio_max": max(v["logvar_ratio_max"] for v in vals),
     }
-    if "pred_mean_gap_mean" in vals[0]:
+    if with_theory:
         out["bn/pred_gap_mean"] = mean("pred_mean_gap_mean")
         out["bn/pred_logvar_ratio_mean"] = mean("pred_logvar_ratio_mean")
     return {k + suffix: v for k, v in out.items()}
@@ -529,7 +531,7 @@ class Monitor:
                 "bn/test_acc_before_recal": before,
                 "bn/test_acc_after_recal": after,
                 "bn/test_acc_recal_delta": after - before,
-                **aggregate(after_layers, "_after_recal"),
+                **aggregate(after_layers, "_after_recal", with_theory=False),
             }
             final.update(row)
         part = {
