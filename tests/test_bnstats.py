@@ -198,7 +198,9 @@ def test_theory_formulas() -> None:
     assert torch.allclose(bnstats.folded_mean(mu, sd), mc, rtol=5e-3)
 
 
-def _frozen_ema_run(seed: int, momentum: float | None, b: int, t: int) -> dict[str, dict]:
+def _frozen_ema_run(
+    seed: int, momentum: float | None, b: int, t: int, probe: int | None = None
+) -> dict[str, dict]:
     """A frozen random network fed t random batches in train mode, then measured."""
     g = torch.Generator().manual_seed(1000 + seed)
     torch.manual_seed(seed)
@@ -216,25 +218,26 @@ def _frozen_ema_run(seed: int, momentum: float | None, b: int, t: int) -> dict[s
     with torch.no_grad():
         for _ in range(t):
             model(x[torch.randperm(n, generator=g)[:b]])
-    stats = exact_stats(model, x, torch.randperm(n, generator=g), batch_size=b)
-    return bnstats.gap_metrics(model, stats)
+    mon = bnstats.Monitor(model, x, batch_size=b, total_steps=t, probe_samples=probe, seed=seed)
+    return mon.measure()
 
 
 @pytest.mark.parametrize(
-    ("momentum", "b", "t", "layers"),
+    ("momentum", "b", "t", "layers", "probe"),
     [
-        (0.1, 16, 30, ("1", "4")),  # initial weight 0.04 still visible
-        (0.1, 16, 300, ("1", "4")),  # pure noise
-        (0.01, 32, 100, ("1",)),  # initial bias dominates (weight 0.37)
-        (0.3, 8, 40, ("1", "4")),
-        (None, 16, 50, ("1",)),  # cumulative average
+        (0.1, 16, 30, ("1", "4"), None),  # initial weight 0.04 still visible
+        (0.1, 16, 300, ("1", "4"), None),  # pure noise
+        (0.01, 32, 100, ("1",), None),  # initial bias dominates (weight 0.37)
+        (0.3, 8, 40, ("1", "4"), None),
+        (None, 16, 50, ("1",), None),  # cumulative average
+        (0.1, 16, 300, ("1", "4"), 400),  # a probe's own sampling error adds to the gap
     ],
 )
 def test_monte_carlo_gap_matches_theory(
-    momentum: float | None, b: int, t: int, layers: tuple[str, ...]
+    momentum: float | None, b: int, t: int, layers: tuple[str, ...], probe: int | None
 ) -> None:
     """Measured |gap| and |log var ratio| within 20% of the prediction, over 8 seeds."""
-    runs = [_frozen_ema_run(seed, momentum, b, t) for seed in range(8)]
+    runs = [_frozen_ema_run(seed, momentum, b, t, probe) for seed in range(8)]
     for layer in layers:
         for meas, pred in (
             ("mean_gap_mean", "pred_mean_gap_mean"),
@@ -317,7 +320,7 @@ def test_monitor_cadence_and_no_side_effects() -> None:
     assert torch.equal(torch.get_rng_state(), rng)
     for k, v in model.state_dict().items():
         assert torch.equal(v, buffers[k]), k
-    assert len(mon.index) == 100 and mon.seconds > 0
+    assert len(mon.index["final"]) == len(mon.index["periodic"]) == 100 and mon.seconds > 0
     # one seed, one probe: the rows repeat exactly
     again = bnstats.Monitor(model, x, batch_size=32, total_steps=50, probe_samples=100, seed=3)
     assert again(4) == row
@@ -419,3 +422,22 @@ def test_recalibrate_and_grad_accum_end_to_end(tmp_path: Path) -> None:
     assert any("bn/test_acc_before_recal" in r for r in rows)
     assert [r["optimizer_step"] for r in rows if "bn/gap_mean" in r][:2] == [5, 10]
     assert not math.isnan(f["bn/gap_mean"])
+
+
+def test_default_probe_is_a_subset_periodically_and_the_whole_set_at_the_end(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(bnstats, "PERIODIC_PROBE", 150)
+    model, x, _ = _trained()
+    mon = bnstats.Monitor(model, x, batch_size=32, total_steps=40, every_n_steps=10)
+    assert mon.sizes == {"periodic": 150, "final": 400}
+    assert torch.equal(mon.index["periodic"], mon.index["final"][:150])  # nested
+    assert mon.probe_noise("final") == 0.0
+    assert mon.probe_noise("periodic") == pytest.approx(32 / 150 * 250 / 399)
+    periodic, final = mon(10), mon(40)
+    assert periodic is not None and final is not None
+    assert mon.last_step == 40  # finish() reuses the whole-set measurement
+    exact = bnstats.gap_metrics(model, exact_stats(model, x, batch_size=32))
+    assert final["bn/5/mean_gap_mean"] == pytest.approx(exact["5"]["mean_gap_mean"], rel=1e-9)
+    # the prediction at a periodic point includes the probe's sampling error
+    assert periodic["bn/5/pred_mean_gap_noise"] > final["bn/5/pred_mean_gap_noise"]

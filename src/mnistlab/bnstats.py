@@ -34,6 +34,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+# With ``probe_samples=None`` the periodic points measure a seeded subset of at most this many
+# samples (the whole set when smaller) and the final point the whole training set: on MNIST a
+# full pass is ~15% of an epoch's training, which 20 points per run can't afford.
+PERIODIC_PROBE = 10_000
 # PyTorch's initial running values; the theory's "initial bias" is relative to them.
 INIT_MEAN, INIT_VAR = 0.0, 1.0
 # Why the summary insists on it: the EMA advances once per forward micro-batch.
@@ -148,47 +152,67 @@ def _channel_dims(x: Tensor) -> tuple[int, ...]:
 
 
 def _sub_batch_moments(xs: Tensor, dims: tuple[int, ...], per: int) -> tuple[Tensor, Tensor]:
-    """Per sub-batch and channel: mean and M2 (float64), from ``xs`` of shape (k, b, C, ...).
+    """Per sub-batch and channel: mean and M2, from ``xs`` of shape (k, b, C, ...).
 
-    With spatial dims ``var_mean`` is fastest (on CPU it accumulates float32 in double). For
-    (k, b, C) it reduces a middle dim about 10x slower than a two-pass sum, so 1d layers use
-    the two-pass form: a float64 mean, then squared deviations summed in float64.
+    One sub-batch holds few values, so its moments are accurate in the input's precision
+    (``var_mean`` on CPU even accumulates float32 in double); the many sub-batches are then
+    merged in float64. With spatial dims ``var_mean`` is fastest; for (k, b, C) it reduces a
+    middle dim about 10x slower than a two-pass sum, so 1d layers use the two-pass form.
     """
     if xs.dim() > 3:
         var, mean = torch.var_mean(xs, dim=dims, correction=0)
-        return mean.double(), var.double() * per
-    mean = xs.mean(dim=dims, keepdim=True, dtype=torch.float64)
-    center = mean.to(xs.dtype)
-    m2 = (xs - center).square().sum(dim=dims, dtype=torch.float64)
-    m2 = m2 - per * (mean - center.double()).square().squeeze(1)  # exact shift correction
-    return mean.squeeze(1), m2
+        return mean, var * per
+    mean = xs.mean(dim=1)
+    return mean, (xs - mean.unsqueeze(1)).square_().sum(dim=1)
 
 
-def _reduce(x: Tensor, b: int) -> LayerStats:
-    """One chunk's statistics; sub-batches of ``b`` samples give the per-batch spread."""
-    if x.dtype not in (torch.float32, torch.float64):
-        x = x.float()  # bf16 activations under autocast
-    n, channels = x.shape[0], x.shape[1]
-    k = n // b
-    batch_mean = Moments.empty(channels, x.device)
-    batch_var = Moments.empty(channels, x.device)
-    data = Moments.empty(channels, x.device)
-    if k > 0:
-        xs = x[: k * b].reshape(k, b, *x.shape[1:])
-        per = x[0, 0].numel() * b  # values per sub-batch and channel
-        means, m2s = _sub_batch_moments(xs, (1, *range(3, xs.dim())), per)  # (k, C)
-        # Equal-count sub-batches merge in closed form (Chan's formula, k groups at once).
-        grand = means.mean(0)
-        m2 = m2s.sum(0) + per * (means - grand).square().sum(0)
-        data = Moments(
-            torch.tensor(float(k * per), dtype=torch.float64, device=x.device), grand, m2
-        )
-        batch_mean = Moments.of(means, 0)
-        uvar = m2s / (per - 1) if per > 1 else m2s * math.nan
-        batch_var = Moments.of(uvar, 0)
-    if k * b < n:
-        data = chan_merge(data, Moments.of(x[k * b :], _channel_dims(x)))
-    return LayerStats(data, batch_mean, batch_var)
+class _Accumulator:
+    """One layer's running share of the pass: sub-batch moments, plus the short tail.
+
+    Chunks are multiples of the batch size, so per chunk the hook costs a few tensor ops;
+    everything else happens once per pass in :meth:`result`.
+    """
+
+    def __init__(self, b: int) -> None:
+        self.b = b
+        self.means: list[Tensor] = []  # (k, C) float64 per chunk
+        self.m2s: list[Tensor] = []
+        self.per = 0  # values per sub-batch and channel: b x spatial positions
+        self.rest: Moments | None = None  # samples that fill no whole sub-batch
+
+    def add(self, x: Tensor) -> None:
+        if x.dtype not in (torch.float32, torch.float64):
+            x = x.float()  # bf16 activations under autocast
+        n, b = x.shape[0], self.b
+        k = n // b
+        if k > 0:
+            xs = x[: k * b].reshape(k, b, *x.shape[1:])
+            self.per = x[0, 0].numel() * b
+            means, m2s = _sub_batch_moments(xs, (1, *range(3, xs.dim())), self.per)
+            self.means.append(means)
+            self.m2s.append(m2s)
+        if k * b < n:
+            tail = Moments.of(x[k * b :], _channel_dims(x))
+            self.rest = tail if self.rest is None else chan_merge(self.rest, tail)
+
+    def result(self, channels: int, device: torch.device) -> LayerStats:
+        data = Moments.empty(channels, device)
+        batch_mean, batch_var = Moments.empty(channels, device), Moments.empty(channels, device)
+        if self.means:
+            means = (torch.cat(self.means) if len(self.means) > 1 else self.means[0]).double()
+            m2s = (torch.cat(self.m2s) if len(self.m2s) > 1 else self.m2s[0]).double()
+            k, per = len(means), self.per
+            # Equal-count sub-batches merge in closed form (Chan's formula, k groups at once);
+            # the sum of squared deviations of the sub-batch means is also their own M2.
+            grand = means.mean(0)
+            ss = (means - grand).square_().sum(0)
+            count = torch.tensor([float(k * per), float(k)], dtype=torch.float64, device=device)
+            data = Moments(count[0], grand, m2s.sum(0) + per * ss)
+            batch_mean = Moments(count[1], grand, ss)
+            batch_var = Moments.of(m2s / (per - 1) if per > 1 else m2s * math.nan, 0)
+        if self.rest is not None:
+            data = chan_merge(data, self.rest)
+        return LayerStats(data, batch_mean, batch_var)
 
 
 def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -228,13 +252,12 @@ def exact_stats(
         index = torch.arange(len(x), device=x.device)
     b = max(1, int(batch_size))
     size = max(1, chunk_size // b) * b
-    acc: dict[str, LayerStats] = {}
+    acc = {n: _Accumulator(b) for n in wanted}
     seen: list[str] = []
 
     def hook_for(name: str) -> Callable[[nn.Module, tuple[Tensor, ...]], None]:
         def hook(module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
-            s = _reduce(inputs[0], b)
-            acc[name] = acc[name].merged(s) if name in acc else s
+            acc[name].add(inputs[0])
             if name not in seen:
                 seen.append(name)
             if len(seen) == len(wanted) and name == seen[-1]:
@@ -259,13 +282,8 @@ def exact_stats(
         for h in handles:
             h.remove()
         model.train(was_training)
-    missing = [n for n in wanted if n not in acc]
-    for n in missing:  # a layer the forward never reached (or an empty probe)
-        c = all_bn[n].num_features
-        acc[n] = LayerStats(
-            Moments.empty(c, x.device), Moments.empty(c, x.device), Moments.empty(c, x.device)
-        )
-    return merge_across_ranks({n: acc[n] for n in wanted})
+    # A layer the forward never reached (or an empty probe) gets count 0.
+    return merge_across_ranks({n: acc[n].result(all_bn[n].num_features, x.device) for n in wanted})
 
 
 # ----------------------------------------------------------------------------- EMA theory
@@ -320,48 +338,89 @@ GAP_KEYS = (
 )
 
 
-def layer_gaps(layer: _BatchNorm, stats: LayerStats) -> dict[str, float]:
-    """Measured gap between ``layer``'s running statistics and ``stats``, and the theory's."""
-    mean, var = stats.data.mean, stats.data.var
-    std = var.clamp_min(1e-30).sqrt()
-    rm = layer.running_mean.detach().double().to(mean.device)
-    rv = layer.running_var.detach().double().to(mean.device)
+def gap_metrics(
+    model: nn.Module, stats: dict[str, LayerStats], probe_noise: float = 0.0
+) -> dict[str, dict[str, float]]:
+    """Measured gap between every layer's running statistics and ``stats``, and the theory's.
+
+    ``probe_noise`` is Var(probe statistic) / Var(batch statistic) when ``stats`` come from a
+    probe subset rather than the whole set (see :meth:`Monitor.probe_noise`): the probe's own
+    sampling error then adds to the predicted gap. All layers are computed in one batch of
+    tensor ops and read back with one ``tolist``.
+    """
+    layers = bn_layers(getattr(model, "module", model))
+    names = list(stats)
+    if not names:
+        return {}
+    sizes = [layers[n].num_features for n in names]
+
+    def cat(get: Callable[[str], Tensor]) -> Tensor:
+        return torch.cat([get(n).double().reshape(-1) for n in names])
+
+    mean, var = cat(lambda n: stats[n].data.mean), cat(lambda n: stats[n].data.var)
+    dev = mean.device
+    rm = cat(lambda n: layers[n].running_mean.detach()).to(dev)
+    rv = cat(lambda n: layers[n].running_var.detach()).to(dev)
+    bm_mean, bm_var = (
+        cat(lambda n: stats[n].batch_mean.mean),
+        cat(lambda n: stats[n].batch_mean.var),
+    )
+    bv_mean, bv_var = cat(lambda n: stats[n].batch_var.mean), cat(lambda n: stats[n].batch_var.var)
+    ts = [int(layers[n].num_batches_tracked) for n in names]
+    w0s = [init_weight(layers[n].momentum, t) for n, t in zip(names, ts, strict=True)]
+    f2s = [noise_factor(layers[n].momentum, t) for n, t in zip(names, ts, strict=True)]
+    w0 = torch.tensor(
+        [w for w, c in zip(w0s, sizes, strict=True) for _ in range(c)], dtype=torch.float64
+    )
+    f2 = torch.tensor(
+        [f for f, c in zip(f2s, sizes, strict=True) for _ in range(c)], dtype=torch.float64
+    )
+    w0, f2 = w0.to(dev), f2.to(dev)
+
+    tiny = 1e-30
+    var_c = var.clamp_min(tiny)
+    std = var_c.sqrt()
     gap = (rm - mean).abs() / std
-    lvr = torch.log(rv.clamp_min(1e-30) / var.clamp_min(1e-30))
-    t = int(layer.num_batches_tracked) if layer.num_batches_tracked is not None else 0
-    m = layer.momentum
-    w0, f2 = init_weight(m, t), noise_factor(m, t)
-
+    lvr = torch.log(rv.clamp_min(tiny) / var_c)
     # Mean: E[running] = w0 * 0 + (1 - w0) * E[batch mean]; noise = sqrt(f2) * sd(batch mean).
-    sd_bm = stats.batch_mean.var.sqrt() if stats.batch_mean.count > 1 else mean * math.nan
-    bias = (w0 * INIT_MEAN + (1 - w0) * stats.batch_mean.mean - mean) / std
-    noise = math.sqrt(f2) * sd_bm / std
-    pred_gap = folded_mean(bias, noise)
+    bias = (w0 * INIT_MEAN + (1 - w0) * bm_mean - mean) / std
+    noise = ((f2 + probe_noise) * bm_var).sqrt() / std
     # Variance: E[running] = w0 * 1 + (1 - w0) * E[batch var]; the log by the delta method.
-    expect_rv = w0 * INIT_VAR + (1 - w0) * stats.batch_var.mean
-    sd_bv = stats.batch_var.var.sqrt() if stats.batch_var.count > 1 else var * math.nan
-    lv_center = torch.log(expect_rv.clamp_min(1e-30) / var.clamp_min(1e-30))
-    lv_noise = math.sqrt(f2) * sd_bv / expect_rv.clamp_min(1e-30)
-    pred_lv = folded_mean(lv_center, lv_noise)
-
-    def f(v: Tensor) -> float:
-        return float(v)
-
-    out = {
-        "mean_gap_mean": f(gap.mean()),
-        "mean_gap_max": f(gap.max()),
-        "logvar_ratio_mean": f(lvr.abs().mean()),
-        "logvar_ratio_max": f(lvr.abs().max()),
-        "logvar_ratio_signed": f(lvr.mean()),
-        "num_batches_tracked": t,
-        "pred_mean_gap_mean": f(pred_gap.mean()),
-        "pred_mean_gap_noise": f((noise * math.sqrt(2 / math.pi)).mean()),
-        "pred_mean_gap_bias": f(bias.abs().mean()),
-        "pred_logvar_ratio_mean": f(pred_lv.mean()),
-        "pred_init_weight": w0,
-    }
-    p = out["pred_mean_gap_mean"]
-    out["gap_vs_pred"] = out["mean_gap_mean"] / p if p > 0 else math.nan
+    expect_rv = (w0 * INIT_VAR + (1 - w0) * bv_mean).clamp_min(tiny)
+    lv_center = torch.log(expect_rv / var_c)
+    lv_noise = (f2 * bv_var / expect_rv.square() + probe_noise * bv_var / var_c.square()).sqrt()
+    per_channel = torch.stack(
+        [
+            gap,
+            lvr.abs(),
+            lvr,
+            folded_mean(bias, noise),
+            noise * math.sqrt(2 / math.pi),
+            bias.abs(),
+            folded_mean(lv_center, lv_noise),
+        ]
+    )
+    rows = [
+        torch.cat([c.mean(1), c[:2].amax(1)])
+        for c in per_channel.split(sizes, dim=1)  # one layer's channels
+    ]
+    values = torch.stack(rows).tolist()
+    out: dict[str, dict[str, float]] = {}
+    for name, v, t, w in zip(names, values, ts, w0s, strict=True):
+        out[name] = {
+            "mean_gap_mean": v[0],
+            "mean_gap_max": v[7],
+            "logvar_ratio_mean": v[1],
+            "logvar_ratio_max": v[8],
+            "logvar_ratio_signed": v[2],
+            "num_batches_tracked": t,
+            "pred_mean_gap_mean": v[3],
+            "pred_mean_gap_noise": v[4],
+            "pred_mean_gap_bias": v[5],
+            "pred_logvar_ratio_mean": v[6],
+            "pred_init_weight": w,
+            "gap_vs_pred": v[0] / v[3] if v[3] > 0 else math.nan,
+        }
     return out
 
 
@@ -386,11 +445,6 @@ def aggregate(
         out["bn/pred_gap_mean"] = mean("pred_mean_gap_mean")
         out["bn/pred_logvar_ratio_mean"] = mean("pred_logvar_ratio_mean")
     return {k + suffix: v for k, v in out.items()}
-
-
-def gap_metrics(model: nn.Module, stats: dict[str, LayerStats]) -> dict[str, dict[str, float]]:
-    layers = bn_layers(getattr(model, "module", model))
-    return {n: layer_gaps(layers[n], s) for n, s in stats.items()}
 
 
 def flatten(per_layer: dict[str, dict[str, float]]) -> dict[str, Any]:
@@ -467,30 +521,42 @@ class Monitor:
         self.chunk_size, self.precision = chunk_size, precision
         g = torch.Generator().manual_seed(seed)
         perm = torch.randperm(len(x), generator=g)  # shuffled: sub-batches are random batches
-        if probe_samples is not None:
-            perm = perm[: min(probe_samples, len(x))]
-        self.index = perm[rank::world_size].to(x.device)
+        n_final = len(x) if probe_samples is None else min(probe_samples, len(x))
+        n_periodic = min(n_final, PERIODIC_PROBE) if probe_samples is None else n_final
+        self.sizes = {"periodic": n_periodic, "final": n_final}
+        # Nested prefixes of one permutation; each rank takes its own share of them.
+        self.index = {k: perm[:n][rank::world_size].to(x.device) for k, n in self.sizes.items()}
         self.seconds = 0.0
         self.last: dict[str, dict[str, float]] = {}
         self.last_step: int | None = None
+        self.active = bool(bn_layers(getattr(model, "module", model)))
 
-    @property
-    def active(self) -> bool:
-        return bool(bn_layers(getattr(self.model, "module", self.model)))
+    def probe_noise(self, probe: str) -> float:
+        """Var(probe statistic) / Var(one batch's statistic): ``b / P * (N - P) / (N - 1)``.
 
-    def measure(self) -> dict[str, dict[str, float]]:
+        A probe of P of the N samples (drawn without replacement) estimates the whole set's
+        mean with that much of one batch's variance; 0 when the probe is the whole set.
+        """
+        n, p = len(self.x), self.sizes[probe]
+        if p >= n or n < 2:
+            return 0.0
+        return self.batch_size / p * (n - p) / (n - 1)
+
+    def measure(self, probe: str = "final") -> dict[str, dict[str, float]]:
         t0 = time.perf_counter()
         stats = exact_stats(
-            self.model, self.x, self.index, self.batch_size, self.chunk_size, self.precision
+            self.model, self.x, self.index[probe], self.batch_size, self.chunk_size, self.precision
         )
-        per_layer = gap_metrics(self.model, stats)
+        per_layer = gap_metrics(self.model, stats, self.probe_noise(probe))
         self.seconds += time.perf_counter() - t0
         return per_layer
 
     def __call__(self, step: int) -> dict[str, Any] | None:
         if not self.active or (step % self.every != 0 and step != self.total_steps):
             return None
-        self.last, self.last_step = self.measure(), step
+        probe = "final" if step == self.total_steps else "periodic"
+        self.last = self.measure(probe)
+        self.last_step = step if probe == "final" else None
         return flatten(self.last)
 
     def finish(
@@ -520,7 +586,12 @@ class Monitor:
             t0 = time.perf_counter()
             before = evaluate() if evaluate is not None else math.nan
             recalibrate(
-                self.model, self.x, self.index, self.batch_size, self.chunk_size, self.precision
+                self.model,
+                self.x,
+                self.index["final"],
+                self.batch_size,
+                self.chunk_size,
+                self.precision,
             )
             self.seconds += time.perf_counter() - t0
             after_layers = self.measure()
