@@ -438,6 +438,6 @@ def test_default_probe_is_a_subset_periodically_and_the_whole_set_at_the_end(
     assert periodic is not None and final is not None
     assert mon.last_step == 40  # finish() reuses the whole-set measurement
     exact = bnstats.gap_metrics(model, exact_stats(model, x, batch_size=32))
-    assert final["bn/5/mean_gap_mean"] == pytest.approx(exact["5"]["mean_gap_mean"], rel=1e-9)
+    assert final["bn/5/mean_gap_mean"] == pytest.approx(exact["5"]["mean_gap_mean"], rel=1e-6)
     # the prediction at a periodic point includes the probe's sampling error
     assert periodic["bn/5/pred_mean_gap_noise"] > final["bn/5/pred_mean_gap_noise"]
