@@ -24,12 +24,14 @@ independent spatial positions. Knows nothing of Hydra or W&B.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -71,7 +73,7 @@ class Moments(NamedTuple):
     @property
     def var(self) -> Tensor:
         """Unbiased variance (PyTorch's ``running_var`` convention)."""
-        return self.m2 / (self.count - 1).clamp_min(1) if self.count > 1 else self.m2 * math.nan
+        return self.m2 / (self.count - 1).clamp_min(0)  # nan for fewer than 2 values (0/0)
 
     @property
     def var_population(self) -> Tensor:
@@ -199,17 +201,18 @@ class _Accumulator:
         data = Moments.empty(channels, device)
         batch_mean, batch_var = Moments.empty(channels, device), Moments.empty(channels, device)
         if self.means:
-            means = (torch.cat(self.means) if len(self.means) > 1 else self.means[0]).double()
-            m2s = (torch.cat(self.m2s) if len(self.m2s) > 1 else self.m2s[0]).double()
-            k, per = len(means), self.per
-            # Equal-count sub-batches merge in closed form (Chan's formula, k groups at once);
-            # the sum of squared deviations of the sub-batch means is also their own M2.
-            grand = means.mean(0)
-            ss = (means - grand).square_().sum(0)
+            # (2, k, C): the k sub-batches' means and M2s, in float64 from here on.
+            both = torch.stack([torch.cat(self.means), torch.cat(self.m2s)]).double()
+            k, per = both.shape[1], self.per
+            avg = both.mean(1)  # grand mean; mean M2 per sub-batch
+            ss = (both - avg.unsqueeze(1)).square_().sum(1)  # squared deviations over sub-batches
             count = torch.tensor([float(k * per), float(k)], dtype=torch.float64, device=device)
-            data = Moments(count[0], grand, m2s.sum(0) + per * ss)
-            batch_mean = Moments(count[1], grand, ss)
-            batch_var = Moments.of(m2s / (per - 1) if per > 1 else m2s * math.nan, 0)
+            # Equal-count sub-batches merge in closed form (Chan's formula, k groups at once);
+            # the squared deviations of the sub-batch means are also their own M2.
+            data = Moments(count[0], avg[0], k * avg[1] + per * ss[0])
+            batch_mean = Moments(count[1], avg[0], ss[0])
+            unbias = 1.0 / (per - 1) if per > 1 else math.nan  # sub-batch var = M2 / (per - 1)
+            batch_var = Moments(count[1], avg[1] * unbias, ss[1] * unbias**2)
         if self.rest is not None:
             data = chan_merge(data, self.rest)
         return LayerStats(data, batch_mean, batch_var)
@@ -221,9 +224,10 @@ def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContex
     return contextlib.nullcontext()
 
 
-def _chunks(x: Tensor, index: Tensor, size: int) -> Iterator[Tensor]:
-    for start in range(0, len(index), size):
-        yield x[index[start : start + size]]
+def _chunks(x: Tensor, index: Tensor | None, size: int) -> Iterator[Tensor]:
+    """``x[index]`` in chunks; without an index, views of ``x`` (no gather, no copy)."""
+    for start in range(0, len(x) if index is None else len(index), size):
+        yield x[start : start + size] if index is None else x[index[start : start + size]]
 
 
 @torch.inference_mode()
@@ -248,8 +252,6 @@ def exact_stats(
     model = getattr(model, "module", model)  # DDP: run the inner module, no collectives
     all_bn = bn_layers(model)
     wanted = list(all_bn) if layers is None else list(layers)
-    if index is None:
-        index = torch.arange(len(x), device=x.device)
     b = max(1, int(batch_size))
     size = max(1, chunk_size // b) * b
     acc = {n: _Accumulator(b) for n in wanted}
@@ -269,7 +271,7 @@ def exact_stats(
     was_training = model.training
     model.eval()
     try:
-        for xb in _chunks(x, index.to(x.device), size):
+        for xb in _chunks(x, None if index is None else index.to(x.device), size):
             seen_before = len(seen)
             try:
                 with _autocast(xb.device, precision):
@@ -320,6 +322,14 @@ def folded_mean(mu: Tensor, sd: Tensor) -> Tensor:
     return torch.where(sd > 0, val, mu.abs())
 
 
+def _folded_mean_np(mu: np.ndarray, sd: np.ndarray) -> np.ndarray:
+    """:func:`folded_mean` on numpy arrays (the erf borrowed from torch, zero-copy)."""
+    safe = np.maximum(sd, 1e-300)
+    erf = torch.from_numpy(mu / (safe * math.sqrt(2))).erf_().numpy()
+    val = sd * math.sqrt(2 / math.pi) * np.exp(-(mu**2) / (2 * safe**2)) + mu * erf
+    return np.where(sd > 0, val, np.abs(mu))
+
+
 # ----------------------------------------------------------------------------- gap metrics
 
 GAP_KEYS = (
@@ -345,8 +355,8 @@ def gap_metrics(
 
     ``probe_noise`` is Var(probe statistic) / Var(batch statistic) when ``stats`` come from a
     probe subset rather than the whole set (see :meth:`Monitor.probe_noise`): the probe's own
-    sampling error then adds to the predicted gap. All layers are computed in one batch of
-    tensor ops and read back with one ``tolist``.
+    sampling error then adds to the predicted gap. All layers are gathered into one tensor and
+    read back once (no per-metric device syncs).
     """
     layers = bn_layers(getattr(model, "module", model))
     names = list(stats)
@@ -354,57 +364,48 @@ def gap_metrics(
         return {}
     sizes = [layers[n].num_features for n in names]
 
-    def cat(get: Callable[[str], Tensor]) -> Tensor:
-        return torch.cat([get(n).double().reshape(-1) for n in names])
+    def columns(n: str) -> Tensor:  # (8, C) float64: everything one layer contributes
+        d, bm, bv, layer = stats[n].data, stats[n].batch_mean, stats[n].batch_var, layers[n]
+        run = torch.stack([layer.running_mean.detach(), layer.running_var.detach()]).to(d.mean)
+        return torch.cat([torch.stack([d.mean, d.var, bm.mean, bm.var, bv.mean, bv.var]), run])
 
-    mean, var = cat(lambda n: stats[n].data.mean), cat(lambda n: stats[n].data.var)
-    dev = mean.device
-    rm = cat(lambda n: layers[n].running_mean.detach()).to(dev)
-    rv = cat(lambda n: layers[n].running_var.detach()).to(dev)
-    bm_mean, bm_var = (
-        cat(lambda n: stats[n].batch_mean.mean),
-        cat(lambda n: stats[n].batch_mean.var),
-    )
-    bv_mean, bv_var = cat(lambda n: stats[n].batch_var.mean), cat(lambda n: stats[n].batch_var.var)
+    cols = torch.cat([columns(n) for n in names], dim=1) if len(names) > 1 else columns(names[0])
+    # One read-back; the rest is small per-channel arithmetic, cheapest in numpy.
+    mean, var, bm_mean, bm_var, bv_mean, bv_var, rm, rv = cols.cpu().numpy()
     ts = [int(layers[n].num_batches_tracked) for n in names]
     w0s = [init_weight(layers[n].momentum, t) for n, t in zip(names, ts, strict=True)]
     f2s = [noise_factor(layers[n].momentum, t) for n, t in zip(names, ts, strict=True)]
-    w0 = torch.tensor(
-        [w for w, c in zip(w0s, sizes, strict=True) for _ in range(c)], dtype=torch.float64
-    )
-    f2 = torch.tensor(
-        [f for f, c in zip(f2s, sizes, strict=True) for _ in range(c)], dtype=torch.float64
-    )
-    w0, f2 = w0.to(dev), f2.to(dev)
+    w0, f2 = np.repeat(w0s, sizes), np.repeat(f2s, sizes)
 
     tiny = 1e-30
-    var_c = var.clamp_min(tiny)
-    std = var_c.sqrt()
-    gap = (rm - mean).abs() / std
-    lvr = torch.log(rv.clamp_min(tiny) / var_c)
-    # Mean: E[running] = w0 * 0 + (1 - w0) * E[batch mean]; noise = sqrt(f2) * sd(batch mean).
-    bias = (w0 * INIT_MEAN + (1 - w0) * bm_mean - mean) / std
-    noise = ((f2 + probe_noise) * bm_var).sqrt() / std
-    # Variance: E[running] = w0 * 1 + (1 - w0) * E[batch var]; the log by the delta method.
-    expect_rv = (w0 * INIT_VAR + (1 - w0) * bv_mean).clamp_min(tiny)
-    lv_center = torch.log(expect_rv / var_c)
-    lv_noise = (f2 * bv_var / expect_rv.square() + probe_noise * bv_var / var_c.square()).sqrt()
-    per_channel = torch.stack(
-        [
-            gap,
-            lvr.abs(),
-            lvr,
-            folded_mean(bias, noise),
-            noise * math.sqrt(2 / math.pi),
-            bias.abs(),
-            folded_mean(lv_center, lv_noise),
+    with np.errstate(all="ignore"):  # nan where the pass saw too few values
+        var_c = np.maximum(var, tiny)
+        std = np.sqrt(var_c)
+        gap = np.abs(rm - mean) / std
+        lvr = np.log(np.maximum(rv, tiny) / var_c)
+        # Mean: E[running] = w0 * 0 + (1 - w0) * E[batch mean]; noise from sd(batch mean).
+        bias = (w0 * INIT_MEAN + (1 - w0) * bm_mean - mean) / std
+        noise = np.sqrt((f2 + probe_noise) * bm_var) / std
+        # Variance: E[running] = w0 * 1 + (1 - w0) * E[batch var]; the log by the delta method.
+        expect_rv = np.maximum(w0 * INIT_VAR + (1 - w0) * bv_mean, tiny)
+        lv_center = np.log(expect_rv / var_c)
+        lv_noise = np.sqrt(f2 * bv_var / expect_rv**2 + probe_noise * bv_var / var_c**2)
+        per_channel = np.stack(
+            [
+                gap,
+                np.abs(lvr),
+                lvr,
+                _folded_mean_np(bias, noise),
+                noise * math.sqrt(2 / math.pi),
+                np.abs(bias),
+                _folded_mean_np(lv_center, lv_noise),
+            ]
+        )
+        bounds = np.cumsum([0, *sizes])
+        values = [
+            [*per_channel[:, a:b].mean(1).tolist(), *per_channel[:2, a:b].max(1).tolist()]
+            for a, b in itertools.pairwise(bounds)  # one layer's channels
         ]
-    )
-    rows = [
-        torch.cat([c.mean(1), c[:2].amax(1)])
-        for c in per_channel.split(sizes, dim=1)  # one layer's channels
-    ]
-    values = torch.stack(rows).tolist()
     out: dict[str, dict[str, float]] = {}
     for name, v, t, w in zip(names, values, ts, w0s, strict=True):
         out[name] = {
@@ -510,7 +511,7 @@ class Monitor:
         every_n_steps: int | None = None,
         probe_samples: int | None = None,
         seed: int = 0,
-        chunk_size: int = 1024,
+        chunk_size: int = 4096,
         precision: str = "fp32",
         rank: int = 0,
         world_size: int = 1,
@@ -526,6 +527,10 @@ class Monitor:
         self.sizes = {"periodic": n_periodic, "final": n_final}
         # Nested prefixes of one permutation; each rank takes its own share of them.
         self.index = {k: perm[:n][rank::world_size].to(x.device) for k, n in self.sizes.items()}
+        # The periodic probe's inputs, gathered once (at most PERIODIC_PROBE samples when
+        # probe_samples is null): a gather per point would cost as much as a BN layer's stats.
+        small = n_periodic <= PERIODIC_PROBE
+        self.periodic_x = x[self.index["periodic"]] if small else None
         self.seconds = 0.0
         self.last: dict[str, dict[str, float]] = {}
         self.last_step: int | None = None
@@ -544,9 +549,10 @@ class Monitor:
 
     def measure(self, probe: str = "final") -> dict[str, dict[str, float]]:
         t0 = time.perf_counter()
-        stats = exact_stats(
-            self.model, self.x, self.index[probe], self.batch_size, self.chunk_size, self.precision
-        )
+        x, index = self.x, self.index[probe]
+        if probe == "periodic" and self.periodic_x is not None:
+            x, index = self.periodic_x, None
+        stats = exact_stats(self.model, x, index, self.batch_size, self.chunk_size, self.precision)
         per_layer = gap_metrics(self.model, stats, self.probe_noise(probe))
         self.seconds += time.perf_counter() - t0
         return per_layer

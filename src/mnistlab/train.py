@@ -106,7 +106,7 @@ def train_job(cfg: DictConfig, out_dir: Path, rank: int = 0, world_size: int = 1
     monitor = bnstats.Monitor(
         model, train.x, batch_size=t.batch_size, total_steps=plan.total_steps,
         every_n_steps=b.every_n_steps, probe_samples=b.probe_samples, seed=t.seed,
-        chunk_size=t.eval_batch_size, precision=t.precision, rank=rank, world_size=world_size,
+        precision=t.precision, rank=rank, world_size=world_size,
     )  # fmt: skip
     loop_cfg.hooks.append(monitor)
 
