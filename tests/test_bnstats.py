@@ -441,3 +441,14 @@ def test_default_probe_is_a_subset_periodically_and_the_whole_set_at_the_end(
     assert final["bn/5/mean_gap_mean"] == pytest.approx(exact["5"]["mean_gap_mean"], rel=1e-6)
     # the prediction at a periodic point includes the probe's sampling error
     assert periodic["bn/5/pred_mean_gap_noise"] > final["bn/5/pred_mean_gap_noise"]
+
+
+def test_console_lines_keep_bn_aggregates_only(caplog: pytest.LogCaptureFixture) -> None:
+    from mnistlab.sinks import ConsoleSink
+
+    sink = ConsoleSink(total_steps=10, mode="lines")
+    row = {"optimizer_step": 10, "bn/gap_mean": 0.5, "bn/2/mean_gap_mean": 0.25, "test/acc": 0.9}
+    with caplog.at_level("INFO", logger="mnistlab"):
+        sink.log(row)
+    assert "bn/gap_mean=0.5" in caplog.text and "test/acc=0.9" in caplog.text
+    assert "bn/2/" not in caplog.text

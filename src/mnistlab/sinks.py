@@ -99,9 +99,8 @@ class ConsoleSink:
             self.next_line = step + self.every
         if self.bar is None or "test/acc" in row:
             # per-layer BN keys (bn/<layer>/...) go to files only: a line keeps the aggregates
-            text = " ".join(
-                f"{k}={_fmt(v)}" for k, v in row.items() if not k.startswith("bn/") or k.count("/") < 2
-            )
+            kept = {k: v for k, v in row.items() if not k.startswith("bn/") or k.count("/") < 2}
+            text = " ".join(f"{k}={_fmt(v)}" for k, v in kept.items())
             if self.bar is not None:
                 self.bar.write(text)
                 logging.getLogger("mnistlab.metrics").debug(text)
