@@ -452,3 +452,12 @@ def test_console_lines_keep_bn_aggregates_only(caplog: pytest.LogCaptureFixture)
         sink.log(row)
     assert "bn/gap_mean=0.5" in caplog.text and "test/acc=0.9" in caplog.text
     assert "bn/2/" not in caplog.text
+
+
+def test_wrapped_models_are_measured_through_their_inner_module() -> None:
+    model, x = _model(), _data()
+    plain = exact_stats(model, x, batch_size=8)
+    wrapped = exact_stats(nn.DataParallel(model), x, batch_size=8)  # has .module, like DDP
+    assert list(wrapped) == ["1", "5"]
+    for n in plain:
+        assert torch.equal(plain[n].data.mean, wrapped[n].data.mean)

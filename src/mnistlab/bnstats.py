@@ -147,6 +147,14 @@ def bn_layers(model: nn.Module) -> dict[str, _BatchNorm]:
     }
 
 
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The plain module: DDP's ``module`` (no collectives in the pass), compile's ``_orig_mod``
+    (eager, so the hooks fire)."""
+    for attr in ("module", "_orig_mod", "module"):
+        model = getattr(model, attr, model)
+    return model
+
+
 class _StopForward(Exception):
     """Raised by the last hook needed: nothing downstream of it matters to the pass."""
 
@@ -176,7 +184,7 @@ class _Accumulator:
 
     def __init__(self, b: int) -> None:
         self.b = b
-        self.means: list[Tensor] = []  # (k, C) float64 per chunk
+        self.means: list[Tensor] = []  # (k, C) per chunk, in the activations' precision
         self.m2s: list[Tensor] = []
         self.per = 0  # values per sub-batch and channel: b x spatial positions
         self.rest: Moments | None = None  # samples that fill no whole sub-batch
@@ -248,7 +256,7 @@ def exact_stats(
     with the layers' names in the order they fired, i.e. upstream first. The result is
     merged across ranks (each rank passes its own share of the data).
     """
-    model = getattr(model, "module", model)  # DDP: run the inner module, no collectives
+    model = _unwrap(model)
     all_bn = bn_layers(model)
     wanted = list(all_bn) if layers is None else list(layers)
     b = max(1, int(batch_size))
@@ -357,7 +365,7 @@ def gap_metrics(
     sampling error then adds to the predicted gap. All layers are gathered into one tensor and
     read back once (no per-metric device syncs).
     """
-    layers = bn_layers(getattr(model, "module", model))
+    layers = bn_layers(_unwrap(model))
     names = list(stats)
     if not names:
         return {}
@@ -473,7 +481,7 @@ def recalibrate(
     Each layer's statistics depend on the (eval-mode) layers above it, so layer k is measured
     only after layers 1..k-1 were replaced: one pass per layer, each stopped at its layer.
     """
-    inner = getattr(model, "module", model)
+    inner = _unwrap(model)
     layers = bn_layers(inner)
     order: list[str] = []
     exact_stats(inner, x, index, batch_size, chunk_size, precision, order=order)
@@ -533,7 +541,7 @@ class Monitor:
         self.seconds = 0.0
         self.last: dict[str, dict[str, float]] = {}
         self.last_step: int | None = None
-        self.active = bool(bn_layers(getattr(model, "module", model)))
+        self.active = bool(bn_layers(_unwrap(model)))
 
     def probe_noise(self, probe: str) -> float:
         """Var(probe statistic) / Var(one batch's statistic): ``b / P * (N - P) / (N - 1)``.
