@@ -100,7 +100,9 @@ class ConsoleSink:
         if self.bar is None and "test/acc" not in row:
             self.next_line = step + self.every
         if self.bar is None or "test/acc" in row:
-            text = " ".join(f"{k}={_fmt(v)}" for k, v in row.items())
+            # per-layer BN keys (bn/<layer>/...) go to files only: a line keeps the aggregates
+            kept = {k: v for k, v in row.items() if not k.startswith("bn/") or k.count("/") < 2}
+            text = " ".join(f"{k}={_fmt(v)}" for k, v in kept.items())
             if self.bar is not None:
                 self.bar.write(text)
                 logging.getLogger("mnistlab.metrics").debug(text)

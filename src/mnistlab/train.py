@@ -61,8 +61,8 @@ def train_job(cfg: DictConfig, out_dir: Path, rank: int = 0, world_size: int = 1
     """Everything one process does for one run; returns the summary (rank 0's is written)."""
     import torch
 
-    from . import checkpoint, data, models, regularizers
-    from .loop import Diverged, LoopConfig, evaluate, fit
+    from . import bnstats, checkpoint, data, models, regularizers
+    from .loop import Diverged, LoopConfig, _position, evaluate, fit
     from .sinks import ConsoleSink, JsonlSink, Sinks
     from .steps import StepCounter, StepPlan
 
@@ -156,6 +156,13 @@ def train_job(cfg: DictConfig, out_dir: Path, rank: int = 0, world_size: int = 1
     loop_cfg.hooks.append(_first_step_clock(loop_cfg.timings))
     if t.compile:
         model.compile()  # in place: module names (BN layers, regularized weights) stay the same
+    b = cfg.bn_stats
+    monitor = bnstats.Monitor(
+        model, train.x, batch_size=t.batch_size, total_steps=plan.total_steps,
+        every_n_steps=b.every_n_steps, probe_samples=b.probe_samples, seed=t.seed,
+        precision=t.precision, rank=rank, world_size=world_size,
+    )  # fmt: skip
+    loop_cfg.hooks.append(monitor)
 
     summary: dict[str, Any] = {"status": "failed", "plan": plan.as_dict()}
     summary.update(world_size=world_size, backend=distributed.current_backend())
@@ -175,6 +182,12 @@ def train_job(cfg: DictConfig, out_dir: Path, rank: int = 0, world_size: int = 1
                 model, optimizer, reg, plan, train, test, sinks, loop_cfg, counter, running
             )
         train_s = time.perf_counter() - t_start
+        bn_row, bn_part = monitor.finish(
+            counter.micro_batches, counter.optimizer_steps, b.recalibrate,
+            lambda: evaluate(model, test, t.eval_batch_size, t.precision)["acc"],
+        )  # fmt: skip
+        if bn_row:
+            sinks.log(_position(counter, plan) | bn_row)
         final_test = evaluate(model, test, t.eval_batch_size, t.precision)
         final_train = evaluate(model, train, t.eval_batch_size, t.precision)
         mismatches = counter.compare(plan)
@@ -206,12 +219,15 @@ def train_job(cfg: DictConfig, out_dir: Path, rank: int = 0, world_size: int = 1
             "train/acc": final_train["acc"],
             "train_test_gap": final_train["acc"] - final_test["acc"],
             **reg.metrics(),
+            **bn_part.pop("final", {}),
         }
+        summary.update(bn_part)
         summary["timings"].update(
             train_s=train_s,
             eval_s=loop_cfg.timings.get("eval_s", 0.0),
             first_step_s=loop_cfg.timings.get("first_step_s"),
             first_step_unix=loop_cfg.timings.get("first_step_unix"),
+            bn_stats_s=monitor.seconds,
             samples_per_s=(counter.samples_seen - start_samples) / train_s if train_s > 0 else None,
         )
     except Diverged as e:
