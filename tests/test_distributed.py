@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from hydra import compose, initialize_config_dir
 
 from mnistlab import distributed
@@ -97,30 +96,6 @@ def test_impossible_launches_are_one_line_errors(
         assert w in str(e.value)
 
 
-def test_chan_merge_equals_direct_statistics() -> None:
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(1000, 5, generator=g, dtype=torch.float64) * 3 + 7
-    a, b = x[:123], x[123:]
-
-    def stats(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        n = torch.full((t.shape[1],), float(len(t)), dtype=torch.float64)
-        return n, t.mean(0), ((t - t.mean(0)) ** 2).sum(0)
-
-    n, mean, m2 = distributed.chan_merge(stats(a), stats(b))
-    n0, mean0, m20 = stats(x)
-    assert torch.equal(n, n0)
-    torch.testing.assert_close(mean, mean0, rtol=1e-12, atol=0)
-    torch.testing.assert_close(m2, m20, rtol=1e-10, atol=0)
-    # an empty side changes nothing; without a process group all_gather_chan is the identity
-    zero = (
-        torch.zeros(5, dtype=torch.float64),
-        torch.zeros(5, dtype=torch.float64),
-        torch.zeros(5, dtype=torch.float64),
-    )
-    assert torch.equal(distributed.chan_merge(zero, stats(x))[1], mean0)
-    assert torch.equal(distributed.all_gather_chan(1000, mean0, m20)[0], n0)
-
-
 def test_fault_hook_is_off_unless_asked() -> None:
     assert distributed.fault_hook(1, env={}) is None
     assert distributed.fault_hook(0, env={"MNISTLAB_FAULT_RANK": "1"}) is None
@@ -132,32 +107,6 @@ def test_fault_hook_is_off_unless_asked() -> None:
 
 
 # ------------------------------------------------------------- slow: real process groups
-
-
-def _chan_rank(launch: distributed.Launch, x: torch.Tensor, cut: int) -> list[torch.Tensor]:
-    """Spawned by the test below: each rank summarizes its own, unequal part of ``x``."""
-    part = x[:cut] if launch.rank == 0 else x[cut:]
-    mean = part.mean(0)
-    m2 = ((part - mean) ** 2).sum(0)
-    return list(distributed.all_gather_chan(len(part), mean, m2))
-
-
-@pytest.mark.slow
-def test_all_gather_chan_over_two_gloo_ranks_equals_one_process() -> None:
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(777, 16, generator=g, dtype=torch.float64) * torch.linspace(0.1, 50, 16) + 1e3
-    launch = distributed.Launch("spawn", 2, 2, 1, "cpu")
-    sys.path.insert(0, str(Path(__file__).parent))  # the workers import this module by name
-    try:
-        per_rank = distributed.spawn("test_distributed:_chan_rank", launch, x, 300, num_threads=1)
-    finally:
-        sys.path.remove(str(Path(__file__).parent))
-    n, mean, m2 = per_rank[0]
-    # the same numbers on every rank
-    assert all(torch.equal(a, b) for a, b in zip(per_rank[0], per_rank[1], strict=True))
-    assert torch.equal(n, torch.full((16,), 777.0, dtype=torch.float64))
-    torch.testing.assert_close(mean, x.mean(0), rtol=1e-6, atol=0)
-    torch.testing.assert_close(m2 / n, x.var(0, unbiased=False), rtol=1e-6, atol=0)
 
 
 @pytest.fixture(scope="module")

@@ -318,46 +318,6 @@ def rank_report(model: Any, counted: dict[str, int], sync_bn: bool) -> dict[str,
     }
 
 
-# -------------------------------------------------------------- exact statistics across ranks
-
-
-def chan_merge(a: tuple[Any, Any, Any], b: tuple[Any, Any, Any]) -> tuple[Any, Any, Any]:
-    """Merge two (count, mean, M2) summaries exactly (Chan, Golub & LeVeque 1979):
-    ``n = na + nb``, ``mean = ma + d·nb/n``, ``M2 = M2a + M2b + d²·na·nb/n`` with ``d = mb - ma``.
-    """
-    import torch
-
-    (na, ma, sa), (nb, mb, sb) = a, b
-    n = na + nb
-    safe = torch.where(n > 0, n, torch.ones_like(n))
-    d = mb - ma
-    return n, ma + d * (nb / safe), sa + sb + d * d * (na * nb / safe)
-
-
-def all_gather_chan(count: Any, mean: Any, m2: Any) -> tuple[Any, Any, Any]:
-    """Per-channel (count, mean, M2) of every rank merged with Chan's formula, in rank order,
-    so every rank gets the same float64 result: the statistics of the union of all shards.
-
-    ``count`` may be a number or a tensor broadcastable to ``mean``; without a process group
-    the inputs come back as float64.
-    """
-    import torch
-    import torch.distributed as dist
-
-    mean = torch.as_tensor(mean, dtype=torch.float64)
-    m2 = torch.as_tensor(m2, dtype=torch.float64, device=mean.device)
-    count = torch.as_tensor(count, dtype=torch.float64, device=mean.device).expand_as(mean)
-    if world_size() == 1:
-        return count.clone(), mean, m2
-    mine = torch.stack([count, mean, m2]).contiguous()
-    parts = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, mine)
-    merged = (parts[0][0], parts[0][1], parts[0][2])
-    for p in parts[1:]:
-        merged = chan_merge(merged, (p[0], p[1], p[2]))
-    return merged
-
-
 # --------------------------------------------------------------------------- test hook
 
 
