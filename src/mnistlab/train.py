@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -24,6 +25,7 @@ from .data import DataError
 
 log = logging.getLogger("mnistlab")
 START = time.perf_counter()
+_JOBS_RUN = 0  # a sweep runs several jobs in one process; each after the first times from its start
 
 register()
 
@@ -58,8 +60,8 @@ def train_job(cfg: DictConfig, out_dir: Path, rank: int = 0, world_size: int = 1
     import torch
 
     from . import data, models, regularizers
+    from . import sinks as sinks_
     from .loop import LoopConfig, evaluate, fit
-    from .sinks import ConsoleSink, JsonlSink, Sinks
     from .steps import StepPlan
 
     t, m, r = cfg.trainer, cfg.model, cfg.regularizer
@@ -91,9 +93,7 @@ def train_job(cfg: DictConfig, out_dir: Path, rank: int = 0, world_size: int = 1
     reg = regularizers.build(model, r.l1, r.l2, r.l1_mode, r.l2_mode, r.exclude_bn_and_bias)
     optimizer = _optimizer(cfg, model.parameters())
 
-    sinks = Sinks()
-    if rank == 0:
-        sinks = Sinks([ConsoleSink(plan.total_steps, t.progress), JsonlSink(out_dir / "metrics.jsonl")])
+    sinks = sinks_.build(cfg, out_dir, plan, rank)  # W&B starts here: after data and checks
     loop_cfg = LoopConfig(
         seed=t.seed,
         rank=rank,
@@ -148,6 +148,10 @@ def run(cfg: DictConfig) -> float:
     """One Hydra job: validate, train, write ``summary.json``; return the sweep objective."""
     from .sinks import atomic_write_json
 
+    global START, _JOBS_RUN
+    if _JOBS_RUN:
+        START = time.perf_counter()
+    _JOBS_RUN += 1
     hc = HydraConfig.get()
     out_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
@@ -156,18 +160,22 @@ def run(cfg: DictConfig) -> float:
     code = 1
     try:
         validate(cfg)
-        threads = resolve_threads(cfg.trainer.num_threads)
+        threads = resolve_threads(cfg.trainer.num_threads, parallel_jobs=parallel_jobs(hc))
         import torch
 
         torch.set_num_threads(threads)
         summary = train_job(cfg, out_dir)
+        summary["threads"] = threads
         error = summary.get("error")
     except (ConfigError, DataError) as e:
         error, code = f"error: {e}", 2
     except Exception as e:  # anything else: still leave a summary, then show the traceback
         summary["error"] = f"{type(e).__name__}: {e}"
         _finish(out_dir, summary, cfg, hc)
-        raise
+        if not multirun:
+            raise
+        log.exception("job failed; the sweep goes on")  # Hydra would stop the sweep here
+        return math.nan
     if error:
         summary["error"] = error
     _finish(out_dir, summary, cfg, hc)
@@ -181,10 +189,23 @@ def run(cfg: DictConfig) -> float:
     return acc
 
 
+def parallel_jobs(hc: Any) -> int:
+    """Sweep jobs running at once on this machine: the joblib launcher's ``n_jobs`` (negative
+    counts back from the core count, as in joblib), else 1. Threads per job divide by it."""
+    n = hc.launcher.get("n_jobs") if "joblib" in str(hc.launcher.get("_target_", "")) else None
+    if n is None or hc.mode != RunMode.MULTIRUN:
+        return 1
+    if n < 0:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        n = (cores or 1) + 1 + n
+    return max(1, int(n))
+
+
 def _finish(out_dir: Path, summary: dict[str, Any], cfg: DictConfig, hc: Any) -> None:
     from .sinks import atomic_write_json
 
     summary["overrides"] = list(hc.overrides.task)
+    summary.setdefault("timings", {}).setdefault("wall_s", time.perf_counter() - START)
     summary["config"] = OmegaConf.to_container(cfg, resolve=True)
     atomic_write_json(out_dir / "summary.json", summary)
 
