@@ -337,6 +337,7 @@ def test_bad_cadence_and_accumulation_are_one_line_errors(
     assert err.count("\n") == 1 and "trainer.grad_accum=3 is not allowed: a divisor of 128" in err
 
 
+@pytest.mark.slow
 def test_wandb_sink_cadence_rank_and_summary(tmp_path: Path) -> None:
     """The real sink, offline: rows on the cadence grid plus every evaluation; rank 1: nothing."""
     overrides = [
