@@ -61,6 +61,9 @@ def main() -> None:
     print(f"{args.pairs} pairs, {w['steps']} optimizer steps, {w['rows']} rows logged per run")
     print(f"train_s median: logger=none {base:.3f} s, logger=wandb {with_wandb:.3f} s")
     print(f"difference: {with_wandb - base:+.3f} s ({(with_wandb - base) / base:+.1%} of training)")
+    pairs = [w["train_s"] - n["train_s"] for w, n in zip(runs["wandb"], runs["none"], strict=True)]
+    paired = statistics.median(pairs)
+    print(f"median of paired differences: {paired:+.3f} s ({paired / base:+.1%} of training)")
     for key in ("wandb_init_s", "wandb_log_s", "wandb_finish_s"):
         share = med("wandb", key) / with_wandb
         print(f"{key} median: {med('wandb', key):.4f} s ({share:.2%} of training time)")
