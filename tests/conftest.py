@@ -16,6 +16,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# The suite never touches the network: W&B (the default logger, mode auto) runs offline even on
+# a machine with W&B credentials. Tests of mode auto itself set their own environment.
+os.environ["WANDB_MODE"] = "offline"
+
 
 def write_idx_images(path: Path, images: np.ndarray) -> None:
     """IDX3: magic 0x00000803, then count, rows, cols (big-endian), then uint8 pixels."""

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
 
 class ConfigError(ValueError):
@@ -96,6 +97,7 @@ class WandbConfig:
     project: str = "mnistlab"
     entity: str | None = None
     tags: list[str] = field(default_factory=list)
+    log_every_n_steps: int | None = None  # None: every row the loop logs
 
 
 @dataclass
@@ -118,6 +120,15 @@ class Config:
 def register() -> None:
     """Make the schema the base of ``conf/config.yaml`` (its defaults list names ``schema``)."""
     ConfigStore.instance().store(name="schema", node=Config)
+    OmegaConf.register_new_resolver("mnistlab.micro_batch", micro_batch, replace=True)
+
+
+def micro_batch(effective: int, grad_accum: int) -> int:
+    """``${mnistlab.micro_batch:128,${trainer.grad_accum}}``: the per-device batch that keeps
+    an effective batch fixed while a sweep varies grad_accum (conf/experiment/step_accounting)."""
+    if grad_accum < 1 or effective % grad_accum:
+        raise ConfigError("trainer.grad_accum", grad_accum, f"a divisor of {effective}")
+    return effective // grad_accum
 
 
 MODELS = ("mlp", "cnn")
@@ -273,4 +284,6 @@ def validate(cfg: Any) -> None:
         _at_least("bn_stats.probe_samples", b.probe_samples, 1)
     _one_of("logger.name", cfg.logger.name, LOGGERS)
     _one_of("logger.wandb.mode", cfg.logger.wandb.mode, WANDB_MODES)
+    if cfg.logger.wandb.log_every_n_steps is not None:
+        _at_least("logger.wandb.log_every_n_steps", cfg.logger.wandb.log_every_n_steps, 1)
     check_known_keys(cfg)

@@ -26,6 +26,7 @@ from .data import DataError
 
 log = logging.getLogger("mnistlab")
 START = time.perf_counter()
+_JOBS_RUN = 0  # a sweep runs several jobs in one process; each after the first times from its start
 
 register()
 
@@ -62,8 +63,8 @@ def train_job(cfg: DictConfig, out_dir: Path, rank: int = 0, world_size: int = 1
     import torch
 
     from . import bnstats, checkpoint, data, models, regularizers
+    from . import sinks as sinks_
     from .loop import Diverged, LoopConfig, _position, evaluate, fit
-    from .sinks import ConsoleSink, JsonlSink, Sinks
     from .steps import StepCounter, StepPlan
 
     t, m, r = cfg.trainer, cfg.model, cfg.regularizer
@@ -115,15 +116,9 @@ def train_job(cfg: DictConfig, out_dir: Path, rank: int = 0, world_size: int = 1
             log.info("resuming from %s at optimizer step %d", ckpt_path, counter.optimizer_steps)
     model = distributed.wrap(model, device, world_size, m.sync_bn)  # DDP when world_size > 1
 
-    sinks = Sinks()
-    if rank == 0:
-        done = counter.optimizer_steps
-        sinks = Sinks(
-            [
-                ConsoleSink(plan.total_steps, t.progress, initial=done),
-                JsonlSink(metrics_path, append=resumed is not None),
-            ]
-        )
+    run_id = resumed["extra"].get("wandb_run_id") if resumed is not None else None
+    # W&B starts here: after validation, data and the plan check, so bad input leaves no run
+    sinks = sinks_.build(cfg, out_dir, plan, rank, counter.optimizer_steps, run_id)
     ckpt = checkpoint.Checkpointer(
         ckpt_path,
         distributed.unwrap(model),
@@ -133,6 +128,7 @@ def train_job(cfg: DictConfig, out_dir: Path, rank: int = 0, world_size: int = 1
         metrics_path if rank == 0 else None,
         write=rank == 0,
     )
+    ckpt.extra.update(sinks.ids())  # the W&B run id: a resumed run continues the same W&B run
     log_every = t.log_every_n_steps or max(1, plan.total_steps // 50)
 
     def weight_metrics(step: int) -> dict[str, Any] | None:
@@ -276,21 +272,23 @@ def _first_step_clock(timings: dict[str, float]) -> Any:
 
 
 def parallel_jobs(hc: Any) -> int:
-    """How many jobs of this sweep run at once here: the joblib launcher's ``n_jobs``
-    (joblib's convention: -1 = every core, -2 = all but one), else 1."""
-    if hc.mode != RunMode.MULTIRUN:
+    """Sweep jobs running at once on this machine: the joblib launcher's ``n_jobs`` (negative
+    counts back from the core count, as in joblib), else 1. Threads per job divide by it."""
+    n = hc.launcher.get("n_jobs") if "joblib" in str(hc.launcher.get("_target_", "")) else None
+    if n is None or hc.mode != RunMode.MULTIRUN:
         return 1
-    n_jobs = OmegaConf.select(hc, "launcher.n_jobs", default=None)
-    if n_jobs is None:
-        return 1
-    if n_jobs < 0:
+    if n < 0:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        return max(1, (cores or 1) + 1 + n_jobs)
-    return max(1, n_jobs)
+        n = (cores or 1) + 1 + n
+    return max(1, int(n))
 
 
 def run(cfg: DictConfig) -> float:
     """One Hydra job: validate, train, write ``summary.json``; return the sweep objective."""
+    global START, _JOBS_RUN
+    if _JOBS_RUN:  # a sweep's later jobs in this process: time each job from its own start
+        START = time.perf_counter()
+    _JOBS_RUN += 1
     hc = HydraConfig.get()
     out_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
@@ -337,7 +335,11 @@ def run(cfg: DictConfig) -> float:
         summary["error"] = f"{type(e).__name__}: {e}"
         if launch is None or launch.rank == 0:
             _finish(out_dir, summary, cfg, hc)
-        raise  # _IN_TASK stays True: cli() lets this traceback through
+        if not multirun:
+            raise  # _IN_TASK stays True: cli() lets this traceback through
+        _IN_TASK = False
+        log.exception("job failed; the sweep goes on")  # Hydra would stop the sweep here
+        return math.nan
     _IN_TASK = False
     if error:
         summary["error"] = error
@@ -390,6 +392,7 @@ def _finish(out_dir: Path, summary: dict[str, Any], cfg: DictConfig, hc: Any) ->
     from .sinks import atomic_write_json
 
     summary["overrides"] = list(hc.overrides.task)
+    summary.setdefault("timings", {}).setdefault("wall_s", time.perf_counter() - START)
     summary["config"] = OmegaConf.to_container(cfg, resolve=True)
     atomic_write_json(out_dir / "summary.json", summary)
 
