@@ -197,6 +197,9 @@ def test_sigkill_then_resume_equals_uninterrupted_run(
     assert read_jsonl(run / "metrics.jsonl") == read_jsonl(baseline / "metrics.jsonl")
     assert final_numbers(run) == final_numbers(baseline)
     assert read_summary(run)["status"] == "completed"
+    # every attempt logged into one W&B run: offline folders are offline-run-<time>-<id>
+    ids = {d.name.rsplit("-", 1)[-1] for d in (run / "wandb").glob("offline-run-*")}
+    assert len(ids) == 1, ids
 
 
 @pytest.mark.slow
@@ -265,6 +268,12 @@ def test_sigterm_writes_checkpoint_and_exits_cleanly(tmp_path: Path) -> None:
     assert state["counter"]["optimizer_steps"] == summary["interrupted_at_step"] > 0
     assert read_jsonl(metrics)[-1]["optimizer_step"] == summary["interrupted_at_step"]
     assert state["metrics_bytes"] == metrics.stat().st_size
+    # resuming continues the same W&B run: a second offline folder with the first one's id
+    epochs = summary["counted"]["epochs"] + 1
+    ok(app(tmp_path, f"trainer.epochs={epochs}", "trainer.num_threads=1",
+           "trainer.log_every_n_steps=1", "trainer.resume=true"))  # fmt: skip
+    folders = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(folders) == 2 and len({d.name.rsplit("-", 1)[-1] for d in folders}) == 1
 
 
 @pytest.mark.slow

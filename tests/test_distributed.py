@@ -147,6 +147,7 @@ def test_two_devices_count_the_plan_on_every_rank_and_write_once(two_rank_sweep:
         "metrics.jsonl",
         "summary.json",
         "train.log",
+        "wandb",
     ]
     assert [p.name for p in run.parent.iterdir() if p.is_dir()] == ["0"]
     rows = [r for r in read_jsonl(run / "metrics.jsonl") if "train/loss" in r]

@@ -69,18 +69,26 @@ def test_joblib_sweep_splits_threads_among_parallel_jobs(tmp_path: Path) -> None
         assert read_summary(sweep / job)["num_threads"] == max(1, CORES // 2)
 
 
-@pytest.mark.slow
-def test_default_run_imports_neither_torchvision_nor_wandb(tmp_path: Path) -> None:
-    """The default digits run needs neither; they are imported only when a run uses them."""
+def _imports(tmp_path: Path, *overrides: str) -> set[str]:
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     args = [sys.executable, "-X", "importtime", "-m", "mnistlab.train"]
-    args += [f"hydra.run.dir={tmp_path}", "trainer.epochs=1", "trainer.progress=none"]
+    args += [f"hydra.run.dir={tmp_path}", "trainer.epochs=1", "trainer.progress=none", *overrides]
     p = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=env, timeout=240)
     assert p.returncode == 0, p.stderr[-2000:]
-    imported = {line.rsplit("|", 1)[-1].strip() for line in p.stderr.splitlines() if "|" in line}
-    assert "torch" in imported and "mnistlab.loop" in imported  # the probe sees real imports
-    assert not {m for m in imported if m.split(".")[0] in ("torchvision", "wandb")}
     assert read_summary(tmp_path)["status"] == "completed"
+    return {line.rsplit("|", 1)[-1].strip() for line in p.stderr.splitlines() if "|" in line}
+
+
+@pytest.mark.slow
+def test_default_run_imports_neither_torchvision_nor_wandb(tmp_path: Path) -> None:
+    """The default digits run never imports torchvision; W&B is imported only by its sink
+    (on the sink's own thread, so training does not wait), never with ``logger=none``."""
+    imported = _imports(tmp_path / "default")
+    assert "torch" in imported and "mnistlab.loop" in imported  # the probe sees real imports
+    assert not {m for m in imported if m.split(".")[0] == "torchvision"}
+    assert "wandb" in imported  # the default logger is W&B
+    local = _imports(tmp_path / "none", "logger=none")
+    assert not {m for m in local if m.split(".")[0] in ("torchvision", "wandb")}
 
 
 @pytest.mark.slow

@@ -223,9 +223,9 @@ class Checkpointer:
 
     def save(self, counter: StepCounter, running: Mapping[str, Any]) -> None:
         # Never keep a checkpoint of a diverged model: the loss check may be sparse on GPU.
-        finite = torch.isfinite(torch.as_tensor(float(running["loss"])))
-        finite = finite and all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
-        if not finite:
+        checks = [torch.isfinite(p).all() for p in self.model.parameters()]
+        checks.append(torch.isfinite(torch.as_tensor(running["loss"])).all().to(checks[0].device))
+        if not bool(torch.stack(checks).all()):  # one host sync, not one per tensor
             raise Diverged(counter.optimizer_steps, float("nan"))
         if self.write:
             size = self.metrics_path.stat().st_size if self.metrics_path else 0

@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import queue
+import secrets
 import sys
 import tempfile
 import threading
@@ -137,7 +138,7 @@ class Sinks:
 
     def ids(self) -> dict[str, str]:
         """Identifiers a checkpoint keeps so a resumed run continues the same records."""
-        runs = [s.run.id for s in self.sinks if isinstance(s, WandbSink)]
+        runs = [s.id for s in self.sinks if isinstance(s, WandbSink)]
         return {"wandb_run_id": runs[0]} if runs else {}
 
 
@@ -237,9 +238,11 @@ class WandbSink:
     metrics go into the run summary; the run is always finished, with exit code 1 (state
     *failed*) unless the job completed, so the runs of a sweep never merge.
 
-    ``run.log`` costs about half a millisecond, as much as a whole step of the default model
-    on the CPU, so rows go through a queue to one background thread: the loop pays only the
-    ``put`` (microseconds), and rows reach W&B in order. ``finish`` drains the queue first.
+    Importing wandb and ``wandb.init`` take about a second, and ``run.log`` about half a
+    millisecond (as much as a whole step of the default model on the CPU), so all three happen
+    on one background thread: training starts at once, the loop pays only a queue ``put`` per
+    row, and rows reach W&B in order. ``finish`` waits for the thread. The run id is chosen
+    here, so a checkpoint can record it before W&B has even started.
     """
 
     def __init__(
@@ -250,46 +253,57 @@ class WandbSink:
         every: int | None = None,
         run_id: str | None = None,
     ) -> None:
-        t0 = time.perf_counter()
-        import wandb
         from omegaconf import OmegaConf
 
         w = cfg.logger.wandb
         self.mode = wandb_mode(w.mode)
         self.every = every
+        self.id = run_id or secrets.token_hex(6)
         group, name, overrides = run_identity(out_dir)
         config = OmegaConf.to_container(cfg, resolve=True)
         assert isinstance(config, dict)
         config.update(plan=plan_dict, overrides=overrides)
-        self.run = wandb.init(
+        self.init_kwargs: dict[str, Any] = dict(
             project=w.project,
             entity=w.entity,
             dir=str(out_dir),
-            mode=self.mode,  # type: ignore[arg-type]
+            mode=self.mode,
             group=group,
             name=name,
             job_type="train",
             tags=list(w.tags),
             config=config,
             reinit="finish_previous",  # a sweep runs its jobs in one process, one run each
-            id=run_id,
+            id=self.id,
             resume="allow" if run_id else None,  # a resumed job continues its own run
         )
-        self.run.define_metric("optimizer_step")
-        self.run.define_metric("samples_seen")
-        self.run.define_metric("*", step_metric="optimizer_step")
-        self.seconds = {"wandb_init_s": time.perf_counter() - t0, "wandb_log_s": 0.0}
+        self.run: Any = None
+        self.seconds = {"wandb_init_s": 0.0, "wandb_log_s": 0.0}
         self.rows: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
         self.error: BaseException | None = None
         self.worker = threading.Thread(target=self._drain, name="wandb-log", daemon=True)
         self.worker.start()
 
+    def _start(self) -> None:
+        t0 = time.perf_counter()
+        import wandb
+
+        self.run = wandb.init(**self.init_kwargs)
+        self.run.define_metric("optimizer_step")
+        self.run.define_metric("samples_seen")
+        self.run.define_metric("*", step_metric="optimizer_step")
+        self.seconds["wandb_init_s"] = time.perf_counter() - t0
+
     def _drain(self) -> None:
+        try:
+            self._start()
+        except Exception as e:  # keep training; report once at the end
+            self.error = e
         while (row := self.rows.get()) is not None:
             if self.error is None:
                 try:
                     self.run.log(row)
-                except Exception as e:  # keep training; report once at the end
+                except Exception as e:
                     self.error = e
 
     def log(self, row: dict[str, Any]) -> None:
@@ -307,6 +321,8 @@ class WandbSink:
         self.seconds["wandb_drain_s"] = time.perf_counter() - t0
         if self.error is not None:
             log.warning("W&B stopped receiving rows: %s", self.error)
+        if self.run is None:  # wandb.init itself failed: nothing to finish
+            return
         t0 = time.perf_counter()
         status = summary.get("status", "failed")
         final = _flat("", summary.get("final", {}))
