@@ -82,7 +82,7 @@ def _imports(tmp_path: Path, *overrides: str) -> set[str]:
 @pytest.mark.slow
 def test_default_run_imports_neither_torchvision_nor_wandb(tmp_path: Path) -> None:
     """The default digits run never imports torchvision; W&B is imported only by its sink
-    (on the sink's own thread, so training does not wait), never with ``logger=none``."""
+    (the default logger), never with ``logger=none``."""
     imported = _imports(tmp_path / "default")
     assert "torch" in imported and "mnistlab.loop" in imported  # the probe sees real imports
     assert not {m for m in imported if m.split(".")[0] == "torchvision"}

@@ -125,7 +125,11 @@ def test_sweep_jobs_are_offline_wandb_runs_of_one_group(ok_sweep: tuple[Path, An
         assert {"optimizer_step", "samples_seen"} <= set(metrics)
         assert metrics["*"]["step_metric"] == "optimizer_step"
         history = [r["history"] for r in records if r["type"] == "history"]
-        assert len(history) == len(read_jsonl(job / "metrics.jsonl"))  # every row, by default
+        rows = read_jsonl(job / "metrics.jsonl")
+        every = max(1, s["plan"]["total_steps"] // 10)  # the default W&B cadence
+        sent = [r for r in rows if r["optimizer_step"] % every == 0 or "test/acc" in r
+                or "bn/gap_mean" in r]  # fmt: skip
+        assert len(history) == len(sent) < len(rows)
 
         state = leet(run, "--summary")
         assert state["state"] == "finished" and state["exit_code"] == 0

@@ -97,7 +97,7 @@ class WandbConfig:
     project: str = "mnistlab"
     entity: str | None = None
     tags: list[str] = field(default_factory=list)
-    log_every_n_steps: int | None = None  # None: every row the loop logs
+    log_every_n_steps: int | None = None  # None: about ten training rows a run
 
 
 @dataclass
