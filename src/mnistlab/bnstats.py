@@ -39,9 +39,12 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 # With ``probe_samples=None`` the periodic points measure a seeded subset of at most this many
-# samples (the whole set when smaller) and the final point the whole training set: on MNIST a
-# full pass is ~15% of an epoch's training, which 20 points per run can't afford.
+# samples, and at most PROBE_SHARE of the samples trained between two points (at least
+# MIN_PERIODIC_PROBE); the final point measures the whole training set. On MNIST a full pass
+# is ~15% of an epoch's training, which 20 points per run can't afford.
 PERIODIC_PROBE = 10_000
+PROBE_SHARE = 0.25  # periodic probe size / samples trained between two points (all ranks)
+MIN_PERIODIC_PROBE = 256
 # PyTorch's initial running values; the theory's "initial bias" is relative to them.
 INIT_MEAN, INIT_VAR = 0.0, 1.0
 # Why the summary insists on it: the EMA advances once per forward micro-batch.
@@ -522,6 +525,7 @@ class Monitor:
         precision: str = "fp32",
         rank: int = 0,
         world_size: int = 1,
+        train_samples: int | None = None,
     ) -> None:
         self.model, self.x, self.batch_size = model, x, batch_size
         self.total_steps = total_steps
@@ -531,6 +535,12 @@ class Monitor:
         perm = torch.randperm(len(x), generator=g)  # shuffled: sub-batches are random batches
         n_final = len(x) if probe_samples is None else min(probe_samples, len(x))
         n_periodic = min(n_final, PERIODIC_PROBE) if probe_samples is None else n_final
+        if probe_samples is None and train_samples is not None:
+            # An eval forward costs about a third of a training step: a probe of a quarter of
+            # the samples trained between two points keeps the pass near 10% of training.
+            points = max(1, total_steps // self.every)
+            budget = int(PROBE_SHARE * train_samples / points) // world_size * world_size
+            n_periodic = min(n_periodic, max(MIN_PERIODIC_PROBE, budget))
         self.sizes = {"periodic": n_periodic, "final": n_final}
         # Nested prefixes of one permutation; each rank takes its own share of them.
         self.index = {k: perm[:n][rank::world_size].to(x.device) for k, n in self.sizes.items()}

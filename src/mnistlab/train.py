@@ -156,7 +156,7 @@ def train_job(cfg: DictConfig, out_dir: Path, rank: int = 0, world_size: int = 1
     monitor = bnstats.Monitor(
         model, train.x, batch_size=t.batch_size, total_steps=plan.total_steps,
         every_n_steps=b.every_n_steps, probe_samples=b.probe_samples, seed=t.seed,
-        precision=t.precision, rank=rank, world_size=world_size,
+        precision=t.precision, rank=rank, world_size=world_size, train_samples=plan.samples_seen,
     )  # fmt: skip
     loop_cfg.hooks.append(monitor)
 
