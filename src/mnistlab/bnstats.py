@@ -387,17 +387,19 @@ def gap_metrics(
     f2s = [noise_factor(layers[n].momentum, t) for n, t in zip(names, ts, strict=True)]
     w0, f2 = np.repeat(w0s, sizes), np.repeat(f2s, sizes)
 
-    tiny = 1e-30
+    # In units of what BN itself divides by, sqrt(var + eps): a channel that L1 or a dead ReLU
+    # left constant (var 0) then reads as a gap of ~0, not as 1e4 standard deviations.
+    eps = np.repeat([float(layers[n].eps) for n in names], sizes)
     with np.errstate(all="ignore"):  # nan where the pass saw too few values
-        var_c = np.maximum(var, tiny)
+        var_c = var + eps
         std = np.sqrt(var_c)
         gap = np.abs(rm - mean) / std
-        lvr = np.log(np.maximum(rv, tiny) / var_c)
+        lvr = np.log((np.maximum(rv, 0.0) + eps) / var_c)
         # Mean: E[running] = w0 * 0 + (1 - w0) * E[batch mean]; noise from sd(batch mean).
         bias = (w0 * INIT_MEAN + (1 - w0) * bm_mean - mean) / std
         noise = np.sqrt((f2 + probe_noise) * bm_var) / std
         # Variance: E[running] = w0 * 1 + (1 - w0) * E[batch var]; the log by the delta method.
-        expect_rv = np.maximum(w0 * INIT_VAR + (1 - w0) * bv_mean, tiny)
+        expect_rv = np.maximum(w0 * INIT_VAR + (1 - w0) * bv_mean, 0.0) + eps
         lv_center = np.log(expect_rv / var_c)
         lv_noise = np.sqrt(f2 * bv_var / expect_rv**2 + probe_noise * bv_var / var_c**2)
         per_channel = np.stack(
