@@ -70,14 +70,20 @@ def run_app(
     flags: tuple[str, ...] = (),
     module: str = "mnistlab.train",
     timeout: float = 240,
+    env: dict[str, str] | None = None,
+    multirun: bool = False,
 ) -> subprocess.CompletedProcess[str]:
     """The real Hydra app in a subprocess, with its output folder pinned to ``run_dir``.
 
-    ``flags`` (``-m``, ``--cfg job``) go before the overrides, as Hydra's parser wants."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_SILENT="true")
-    args = [sys.executable, "-m", module, *flags, f"hydra.run.dir={run_dir}", *overrides]
+    ``flags`` (``--cfg job``) go before the overrides, as Hydra's parser wants; ``multirun``
+    adds ``-m`` and pins ``hydra.sweep.dir`` instead; ``env``, if given, is the whole
+    environment of the child."""
+    if env is None:
+        env = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_SILENT="true")
+    where = f"hydra.sweep.dir={run_dir}" if multirun else f"hydra.run.dir={run_dir}"
+    args = [sys.executable, "-m", module, *(["-m"] if multirun else []), *flags, where]
     return subprocess.run(
-        args, capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout, check=False
+        [*args, *overrides], capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout
     )
 
 

@@ -23,7 +23,7 @@ from mnistlab import checkpoint
 from mnistlab.config import ConfigError
 from mnistlab.steps import StepCounter
 
-from conftest import ROOT, read_jsonl, read_summary
+from conftest import ROOT, read_jsonl, read_summary, run_app
 
 # 200 samples, batch 16: 13 micro-batches per epoch in windows of 3,3,3,3,1 -> 5 steps per
 # epoch, 15 in all. Checkpoints at step 0, every 2 steps and at each epoch end; a row every
@@ -44,20 +44,10 @@ TINY = (
 def app(
     run_dir: Path, *overrides: str, env: dict[str, str] | None = None, multirun: bool = False
 ) -> subprocess.CompletedProcess[str]:
-    """The real app in a subprocess; ``env`` adds test hooks."""
+    """The real app in a subprocess with one thread; ``env`` adds test hooks."""
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_SILENT="true", OMP_NUM_THREADS="1")
     full_env.update(env or {})
-    where = f"hydra.sweep.dir={run_dir}" if multirun else f"hydra.run.dir={run_dir}"
-    args = [sys.executable, "-m", "mnistlab.train", *(["-m"] if multirun else []), where]
-    return subprocess.run(
-        [*args, *overrides],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=full_env,
-        timeout=240,
-        check=False,
-    )
+    return run_app(run_dir, *overrides, env=full_env, multirun=multirun)
 
 
 def ok(p: subprocess.CompletedProcess[str]) -> None:

@@ -35,12 +35,7 @@ def _cfg(*overrides: str) -> Any:
 
 def _sweep(sweep_dir: Path, *overrides: str) -> subprocess.CompletedProcess[str]:
     """``python -m mnistlab.train -m ...`` with the sweep folder pinned to ``sweep_dir``."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_SILENT="true")
-    args = [sys.executable, "-m", "mnistlab.train", "-m", f"hydra.sweep.dir={sweep_dir}"]
-    args += overrides
-    return subprocess.run(
-        args, capture_output=True, text=True, cwd=ROOT, env=env, timeout=240, check=False
-    )
+    return run_app(sweep_dir, *overrides, multirun=True)
 
 
 def _last_line(text: str) -> str:

@@ -28,7 +28,7 @@ from mnistlab.plan import main as plan_main
 from mnistlab.steps import StepPlan
 from mnistlab.train import parallel_jobs
 
-from conftest import ROOT, read_jsonl, read_summary
+from conftest import ROOT, read_jsonl, read_summary, run_app
 
 
 def no_credentials_env(tmp: Path) -> dict[str, str]:
@@ -49,16 +49,7 @@ def no_credentials_env(tmp: Path) -> dict[str, str]:
 def sweep(
     sweep_dir: Path, *overrides: str, env: dict[str, str]
 ) -> subprocess.CompletedProcess[str]:
-    args = [sys.executable, "-m", "mnistlab.train", "-m", f"hydra.sweep.dir={sweep_dir}"]
-    return subprocess.run(
-        [*args, *overrides],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-        timeout=300,
-        check=False,
-    )
+    return run_app(sweep_dir, *overrides, env=env, multirun=True, timeout=300)
 
 
 def wandb_run_dir(job: Path) -> Path:
