@@ -185,7 +185,7 @@ def fit(
                 run_loss.zero_(), run_correct.zero_()
                 run_count = 0
             if row:
-                sinks.log(_position(counter, plan) | row)
+                sinks.log(position(counter, plan) | row)
             sums = {"loss": run_loss, "correct": run_correct, "count": run_count}
             for boundary in cfg.boundary_hooks:
                 boundary(counter, sums, False)
@@ -200,13 +200,13 @@ def fit(
             }
             row["train_test_gap"] = row["train_eval/acc"] - row["test/acc"]
             cfg.timings["eval_s"] = cfg.timings.get("eval_s", 0.0) + time.perf_counter() - t0
-            sinks.log(_position(counter, plan) | row)
+            sinks.log(position(counter, plan) | row)
         for boundary in cfg.boundary_hooks:
             boundary(counter, {"loss": run_loss, "correct": run_correct, "count": run_count}, True)
     return counter
 
 
-def _position(counter: StepCounter, plan: StepPlan) -> dict[str, Any]:
+def position(counter: StepCounter, plan: StepPlan) -> dict[str, Any]:
     """The four coordinates every row carries; ``epoch`` counts completed epochs, fractional."""
     return {
         "optimizer_step": counter.optimizer_steps,

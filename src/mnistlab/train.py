@@ -64,7 +64,7 @@ def train_job(cfg: DictConfig, out_dir: Path, rank: int = 0, world_size: int = 1
 
     from . import bnstats, checkpoint, data, models, regularizers
     from . import sinks as sinks_
-    from .loop import Diverged, LoopConfig, _position, evaluate, fit
+    from .loop import Diverged, LoopConfig, evaluate, fit, position
     from .steps import StepCounter, StepPlan
 
     t, m, r = cfg.trainer, cfg.model, cfg.regularizer
@@ -183,7 +183,7 @@ def train_job(cfg: DictConfig, out_dir: Path, rank: int = 0, world_size: int = 1
             lambda: evaluate(model, test, t.eval_batch_size, t.precision)["acc"],
         )  # fmt: skip
         if bn_row:
-            sinks.log(_position(counter, plan) | bn_row)
+            sinks.log(position(counter, plan) | bn_row)
         final_test = evaluate(model, test, t.eval_batch_size, t.precision)
         final_train = evaluate(model, train, t.eval_batch_size, t.precision)
         mismatches = counter.compare(plan)
