@@ -142,3 +142,17 @@ def test_bad_dataset_files_are_one_line(how: str, tmp_path: Path) -> None:
     assert ("not found" in line) if how == "missing" else ("train-images-idx3-ubyte" in line)
     assert not (run_dir / "wandb").exists() and not (run_dir / "metrics.jsonl").exists()
     shutil.rmtree(root)
+
+
+def test_a_bad_value_met_while_resolving_is_one_line(tmp_path: Path) -> None:
+    """``+experiment=step_accounting`` derives the batch from grad_accum through a resolver."""
+    p = run_app(
+        tmp_path / "run",
+        "+experiment=step_accounting",
+        "hydra.mode=RUN",
+        "trainer.grad_accum=3",
+        "logger=none",
+    )
+    assert p.returncode == 2 and "Traceback" not in p.stderr + p.stdout
+    errors = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
+    assert errors == ["error: trainer.grad_accum=3 is not allowed: a divisor of 128"]

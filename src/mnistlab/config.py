@@ -175,6 +175,9 @@ def hydra_error_line(exc: BaseException) -> str:
         return f"{group}={choice!r} is not allowed: one of {', '.join(exc.options)}"
     if isinstance(exc, OverrideParseException):
         return f"{exc.override!r} is not a valid override: {one_line(exc)}"
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    if "raised while resolving interpolation: " in first:  # e.g. a resolver's ConfigError
+        return first.split("raised while resolving interpolation: ", 1)[1]
     cause = exc.__cause__
     if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and cause.full_key:
         parent, _, _ = str(cause.full_key).rpartition(".")

@@ -19,6 +19,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 
 from . import distributed
 from .config import ConfigError, hydra_error_line, register, resolve_threads, validate
@@ -331,6 +332,8 @@ def run(cfg: DictConfig) -> float:
             return math.nan
     except distributed.WorkerError as e:  # one line: which rank, which error
         error, code = f"error: {e}", 2 if e.user_error else 1
+    except InterpolationResolutionError as e:  # a bad value met while resolving the config
+        error, code = f"error: {hydra_error_line(e)}", 2
     except Exception as e:  # anything else: still leave a summary, then show the traceback
         summary["error"] = f"{type(e).__name__}: {e}"
         if launch is None or launch.rank == 0:
@@ -393,7 +396,10 @@ def _finish(out_dir: Path, summary: dict[str, Any], cfg: DictConfig, hc: Any) ->
 
     summary["overrides"] = list(hc.overrides.task)
     summary.setdefault("timings", {}).setdefault("wall_s", time.perf_counter() - START)
-    summary["config"] = OmegaConf.to_container(cfg, resolve=True)
+    try:
+        summary["config"] = OmegaConf.to_container(cfg, resolve=True)
+    except InterpolationResolutionError:  # the error being reported: keep the raw config
+        summary["config"] = OmegaConf.to_container(cfg, resolve=False)
     atomic_write_json(out_dir / "summary.json", summary)
 
 
