@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -23,6 +26,39 @@ def test_digits_split_is_fixed_stratified_and_normalized() -> None:
     assert int(counts.min()) >= 35 and int(counts.max()) <= 37
     again = data.load("digits")
     assert torch.equal(again.test.y, d.test.y)
+
+
+def test_digits_match_scikit_learn_loader_and_split() -> None:
+    """The default run reads sklearn's CSV and splits it itself; both must equal sklearn's."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    images, target = data._digits_arrays()
+    assert np.array_equal(images, bunch.images) and np.array_equal(target, bunch.target)
+    x_tr, x_te, y_tr, y_te = train_test_split(
+        bunch.images, bunch.target, test_size=0.2, stratify=bunch.target, random_state=0
+    )
+    d = data.load("digits")
+    assert torch.equal(d.train.y, torch.as_tensor(y_tr)) and torch.equal(
+        d.test.y, torch.as_tensor(y_te)
+    )
+    for split, want in ((d.train, x_tr), (d.test, x_te)):  # undo the normalization
+        assert np.allclose((split.x.double() * d.std + d.mean).squeeze(1).numpy(), want, atol=1e-4)
+    # other labels, fractions and seeds, including classes with tied remainders
+    rng = np.random.default_rng(3)
+    for seed in range(12):
+        y = rng.integers(0, 7, 103)
+        frac = (0.1, 0.25, 0.3)[seed % 3]
+        ours = data.stratified_split(y, frac, seed)
+        theirs = train_test_split(np.arange(len(y)), test_size=frac, stratify=y, random_state=seed)
+        assert all(np.array_equal(a, b) for a, b in zip(ours, theirs, strict=True)), seed
+
+
+def test_default_run_does_not_import_scikit_learn() -> None:
+    code = "import sys; from mnistlab import data; data.load('digits'); print(sorted(sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "mnistlab.data" in out.stdout and "sklearn" not in out.stdout
 
 
 @pytest.mark.parametrize(

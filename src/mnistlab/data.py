@@ -9,6 +9,7 @@ sweep's jobs share it. torchvision is imported only when one of its datasets is 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import math
 import re
 import struct
@@ -16,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -60,23 +62,74 @@ def _normalize(train: Tensor, test: Tensor) -> tuple[Tensor, Tensor, float, floa
     return ((train - mean) / std).float(), ((test - mean) / std).float(), mean, std
 
 
-def _digits(root: str, download: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
-    """scikit-learn's bundled 8x8 digits with a fixed, seeded, stratified 80/20 split."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """The 1797 8x8 images (float64) and labels that ``sklearn.datasets.load_digits`` returns,
+    read from the CSV file scikit-learn ships. Importing ``sklearn.datasets`` costs about 0.7 s
+    of every run's start-up (it pulls in scipy), and a sweep pays it in every process."""
+    spec = importlib.util.find_spec("sklearn")  # locates the package without importing it
+    folders = list(spec.submodule_search_locations or []) if spec else []
+    csv = [Path(f) / "datasets" / "data" / "digits.csv.gz" for f in folders]
+    if csv and csv[0].is_file():
+        table = np.loadtxt(csv[0], delimiter=",")
+        return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int64)
+    from sklearn.datasets import load_digits  # another layout: the public loader
 
     bunch = load_digits()
-    x_tr, x_te, y_tr, y_te = train_test_split(
-        bunch.images, bunch.target, test_size=0.2, stratify=bunch.target, random_state=DATA_SEED
-    )
+    return bunch.images, bunch.target.astype(np.int64)
 
-    def as_x(a: object) -> Tensor:
+
+def _approximate_mode(counts: np.ndarray, draws: int, rng: np.random.RandomState) -> np.ndarray:
+    """Per-class draws summing to ``draws``: floor of each class's share, then one more for
+    the largest remainders, ties broken at random (scikit-learn's ``_approximate_mode``)."""
+    continuous = counts / counts.sum() * draws
+    floored = np.floor(continuous)
+    need = int(draws - floored.sum())
+    remainder = continuous - floored
+    for value in np.sort(np.unique(remainder))[::-1]:
+        if need <= 0:
+            break
+        (tied,) = np.where(remainder == value)
+        take = min(len(tied), need)
+        floored[rng.choice(tied, size=take, replace=False)] += 1
+        need -= take
+    return floored.astype(np.int64)
+
+
+def stratified_split(
+    y: np.ndarray, test_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(train, test) indices: the split ``train_test_split(..., test_size=test_fraction,
+    stratify=y, random_state=seed)`` makes (a single ``StratifiedShuffleSplit``), step for step.
+    Written out so the default run needs no scikit-learn import; a test compares the two."""
+    n_test = math.ceil(test_fraction * len(y))
+    n_train = len(y) - n_test
+    _, y_idx = np.unique(y, return_inverse=True)
+    counts = np.bincount(y_idx)
+    per_class = np.split(np.argsort(y_idx, kind="mergesort"), np.cumsum(counts)[:-1])
+    rng = np.random.RandomState(seed)
+    n_i = _approximate_mode(counts, n_train, rng)
+    t_i = _approximate_mode(counts - n_i, n_test, rng)
+    train: list[int] = []
+    test: list[int] = []
+    for members, k_train, k_test in zip(per_class, n_i, t_i, strict=True):
+        shuffled = members.take(rng.permutation(len(members)), mode="clip")
+        train.extend(shuffled[:k_train])
+        test.extend(shuffled[k_train : k_train + k_test])
+    return rng.permutation(train), rng.permutation(test)
+
+
+def _digits(root: str, download: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
+    """scikit-learn's bundled 8x8 digits with a fixed, seeded, stratified 80/20 split."""
+    images, target = _digits_arrays()
+    train, test = stratified_split(target, 0.2, DATA_SEED)
+
+    def as_x(a: np.ndarray) -> Tensor:
         return torch.as_tensor(a, dtype=torch.float32).unsqueeze(1)
 
-    def as_y(a: object) -> Tensor:
+    def as_y(a: np.ndarray) -> Tensor:
         return torch.as_tensor(a, dtype=torch.int64)
 
-    return as_x(x_tr), as_y(y_tr), as_x(x_te), as_y(y_te), 10
+    return as_x(images[train]), as_y(target[train]), as_x(images[test]), as_y(target[test]), 10
 
 
 # IDX element types (the magic number's third byte) and their sizes in bytes.
