@@ -45,8 +45,13 @@ def test_quick_bench_prints_every_row(tmp_path: Path) -> None:
     assert "failed:" not in p.stdout
 
 
-def test_flop_count_of_an_mlp() -> None:
+def test_flop_count_of_an_mlp_training_step() -> None:
+    """Forward 2 FLOPs per weight and sample; backward 4, except the first layer's 2 (no
+    gradient for the input): 784-128-64-10 does 2*W + 4*W - 2*784*128 per sample."""
     from mnistlab import models
 
-    net = models.build("mlp", (1, 8, 8), 10, [128, 64], [16, 32], True, 0.1, 0.0)
-    assert bench_module().gemm_flops_per_sample(net) == 6 * (64 * 128 + 128 * 64 + 64 * 10)
+    net = models.build("mlp", (1, 28, 28), 10, [128, 64], [16, 32], True, 0.1, 0.0)
+    weights = 784 * 128 + 128 * 64 + 64 * 10
+    got = bench_module().train_flops_per_sample(net, (1, 28, 28), 32)
+    assert got == 6 * weights - 2 * 784 * 128
+    assert all(p.grad is None for p in net.parameters())  # the count leaves no gradients

@@ -237,7 +237,11 @@ def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContex
 def _chunks(x: Tensor, index: Tensor | None, size: int) -> Iterator[Tensor]:
     """``x[index]`` in chunks; without an index, views of ``x`` (no gather, no copy)."""
     for start in range(0, len(x) if index is None else len(index), size):
-        yield x[start : start + size] if index is None else x[index[start : start + size]]
+        yield (
+            x[start : start + size]
+            if index is None
+            else x.index_select(0, index[start : start + size])
+        )
 
 
 @torch.inference_mode()

@@ -148,7 +148,7 @@ def fit(
             window_samples = sum(len(idx) for idx in window)
             for i, idx in enumerate(window):
                 last = i == len(window) - 1
-                x, y = train.x[idx], train.y[idx]
+                x, y = train.x.index_select(0, idx), train.y.index_select(0, idx)  # gather
                 with no_sync() if not last else contextlib.nullcontext():
                     with autocast(device, cfg.precision):
                         out = model(x)
