@@ -79,9 +79,15 @@ class Regularizer:
             return {}
         flat = torch.cat([p.detach().reshape(-1) for p in self.params])
         mag = flat.abs()
-        sums = [mag.sum(), flat.dot(flat), (flat == 0).sum(), (mag < SMALL).sum()]
-        l1, sq, zeros, small = torch.stack([v.double() for v in sums]).tolist()
+        sums = [
+            mag.sum(),
+            flat.dot(flat),
+            torch.count_nonzero(flat),
+            torch.count_nonzero(mag < SMALL),
+        ]
+        l1, sq, nonzero, small = torch.stack([v.double() for v in sums]).tolist()
         n = flat.numel()
+        zeros = n - nonzero
         return {
             "weights/l1_norm": l1,
             "weights/l2_norm": math.sqrt(sq),
