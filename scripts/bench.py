@@ -30,6 +30,7 @@ import contextlib
 import datetime as dt
 import importlib.util
 import json
+import math
 import os
 import platform
 import struct
@@ -49,7 +50,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from mnistlab import models  # noqa: E402
+from mnistlab import data, models  # noqa: E402
 from mnistlab.config import register, resolve_threads, validate  # noqa: E402
 
 NA = "n/a (not available in this build)"
@@ -199,6 +200,44 @@ def baseline_rate(b: Bench, model_name: str, samples: int, num_workers: int) -> 
             break
     sync(b.device)
     return seen / (time.perf_counter() - t0)
+
+
+def bare_step_parts(b: Bench, overrides: list[str], batch: int) -> tuple[float, dict[str, float]]:
+    """The same model, data and SGD trained by a bare loop (gather, forward, backward, step;
+    no logging, BN points, checkpoints or bookkeeping): samples/s over one epoch, and the
+    seconds per step of each part. What eager PyTorch itself reaches on this machine."""
+    cfg = compose([*overrides, f"trainer.batch_size={batch}"])
+    m, o = cfg.model, cfg.optimizer
+    ds = data.load(cfg.dataset.name, cfg.dataset.root, False, cfg.dataset.limit_train)
+    x_all, y_all = ds.train.x.to(b.device), ds.train.y.to(b.device)
+    torch.manual_seed(0)
+    model = models.build(m.name, ds.image_shape, 10, m.hidden, m.channels, m.bn, m.bn_momentum, 0.0)
+    model = model.to(b.device).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum)
+    parts = dict.fromkeys(("gather", "forward", "backward", "optimizer"), 0.0)
+    order = torch.randperm(len(x_all), device=b.device)
+    sync(b.device)
+    t_start = time.perf_counter()
+    for idx in order.split(batch):
+        t0 = time.perf_counter()
+        x, y = x_all.index_select(0, idx), y_all.index_select(0, idx)
+        sync(b.device)
+        t1 = time.perf_counter()
+        loss = F.cross_entropy(model(x), y, reduction="sum") / len(idx)
+        sync(b.device)
+        t2 = time.perf_counter()
+        loss.backward()
+        sync(b.device)
+        t3 = time.perf_counter()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync(b.device)
+        t4 = time.perf_counter()
+        for k, dt_ in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+            parts[k] += dt_
+    rate = len(x_all) / (time.perf_counter() - t_start)
+    steps = math.ceil(len(x_all) / batch)
+    return rate, {k: v / steps for k, v in parts.items()}
 
 
 def gemm_rate(n: int, k: int, m: int, device: str, seconds: float) -> float:
@@ -372,6 +411,7 @@ def row_throughput_cnn(b: Bench) -> list[Row]:
 def _flops_row(b: Bench, name: str, overrides: list[str], what: str, target: bool = True) -> Row:
     runs = [ours(b, [*overrides, "trainer.batch_size=512"])[0] for _ in range(1 if b.quick else 3)]
     summary = max(runs, key=train_rate)  # best of 3: single runs here vary by ±10%
+    b.results[name] = train_rate(summary)
     cfg = compose(overrides)
     m = cfg.model
     shape = (1, 8, 8) if cfg.dataset.name == "digits" else (1, 28, 28)
@@ -388,21 +428,38 @@ def _flops_row(b: Bench, name: str, overrides: list[str], what: str, target: boo
     )
 
 
+def _bare_row(b: Bench, overrides: list[str], ours_rate: float) -> Row:
+    """Our loop against the bare loop on the same config: what our bookkeeping costs."""
+    runs = [bare_step_parts(b, overrides, 512) for _ in range(1 if b.quick else 3)]
+    rate, parts = max(runs, key=lambda r: r[0])
+    cfg = compose(overrides)
+    m = cfg.model
+    net = models.build(m.name, (1, 28, 28), 10, m.hidden, m.channels, m.bn, m.bn_momentum, 0.0)
+    frac = rate * train_flops_per_sample(net, (1, 28, 28), 512) / b.gemm_peak
+    shown = ", ".join(f"{k} {v * 1e6:,.0f} us" for k, v in parts.items())
+    return Row(
+        "flops_mlp_mnist_bare_b512",
+        f"{pct(frac)} of GEMM",
+        ratio=f"ours {ours_rate / rate:.2f}x",
+        note=f"bare loop, same model, data and SGD: {fmt_rate(rate)}; per step: {shown}",
+    )
+
+
 def row_flops(b: Bench) -> list[Row]:
     e_digits = b.n(40, 4)
     n_mnist = b.n(60000, 2048)  # one whole MNIST epoch, as a user's run would train
     digits = [f"trainer.epochs={e_digits}", f"trainer.eval_every_n_epochs={e_digits}"]
     wide = mnist_overrides(b, "mlp", b.n(10240, 1024), batch=512)
+    mnist = mnist_overrides(b, "mlp", n_mnist, batch=512)
+    mnist_row = _flops_row(
+        b, "flops_mlp_mnist_b512", mnist, "default mlp (784-128-64-10) on MNIST, one epoch"
+    )
     return [
         _flops_row(  # 8x8 inputs: products too small to run at the GEMM rate; reported only
             b, "flops_mlp_digits_b512", digits, "default mlp (64-128-64-10) on digits", False
         ),
-        _flops_row(
-            b,
-            "flops_mlp_mnist_b512",
-            mnist_overrides(b, "mlp", n_mnist, batch=512),
-            "default mlp (784-128-64-10) on MNIST, one epoch",
-        ),
+        mnist_row,
+        _bare_row(b, mnist, b.results["flops_mlp_mnist_b512"]),
         _flops_row(
             b,
             "flops_mlp_wide_b512",
@@ -671,6 +728,7 @@ ROW_NAMES = [
     "throughput_cnn",
     "flops_mlp_digits_b512",
     "flops_mlp_mnist_b512",
+    "flops_mlp_mnist_bare_b512",
     "flops_mlp_wide_b512",
     "share_bn_stats_default",
     "share_wandb_default",
