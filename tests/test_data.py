@@ -55,6 +55,14 @@ def test_digits_match_scikit_learn_loader_and_split() -> None:
         assert all(np.array_equal(a, b) for a, b in zip(ours, theirs, strict=True)), seed
 
 
+def test_digits_fall_back_to_the_public_loader(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where scikit-learn keeps its CSV elsewhere, ``load_digits`` gives the same arrays."""
+    images, target = data._digits_arrays()
+    monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: None)
+    again_images, again_target = data._digits_arrays()
+    assert np.array_equal(images, again_images) and np.array_equal(target, again_target)
+
+
 def test_default_run_does_not_import_scikit_learn() -> None:
     code = "import sys; from mnistlab import data; data.load('digits'); print(sorted(sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
