@@ -104,3 +104,24 @@ def test_mnist_run_uses_torchvision(tmp_path: Path, mnist_root: Path) -> None:
     )
     assert p.returncode == 0, p.stderr[-2000:]
     assert read_summary(tmp_path)["status"] == "completed"
+
+
+@pytest.mark.slow
+def test_compiled_model_is_not_recompiled_by_bn_points(tmp_path: Path) -> None:
+    """The BN-statistics pass hooks the BN layers. Run through the compiled model, dynamo
+    would trace the hooks and their accumulators too, and recompile them at every point until
+    its limit (8 each): seconds of compiling and a warning for nothing. The pass runs eagerly."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TORCH_LOGS="recompiles")
+    p = run_app(
+        tmp_path, "trainer.compile=true", "logger=none", "trainer.epochs=2",
+        "bn_stats.every_n_steps=5", "trainer.accelerator=cpu", env=env, timeout=400,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert read_summary(tmp_path)["status"] == "completed"
+    assert read_summary(tmp_path)["bn_updates_equal_micro_batches"] is True
+    recompiles = p.stderr.count("Recompiling function")
+    # the epoch's short last batch, evaluation's no-grad mode and its batch size: a few at most
+    assert recompiles <= 4, p.stderr[-3000:]
+    traced = [line for line in p.stderr.splitlines() if "Recompiling" in line and "bnstats" in line]
+    assert not traced, traced
+    assert "recompile_limit" not in p.stderr and "cache_size_limit" not in p.stderr
