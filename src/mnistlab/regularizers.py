@@ -73,8 +73,8 @@ class Regularizer:
 
     @torch.no_grad()
     def metrics(self) -> dict[str, float]:
-        """Norms and sparsity of the regularized weights: one pass, one read from the device
-        (this runs on every logged row)."""
+        """Norms and sparsity of the regularized weights, read from the device at once (this
+        runs on every logged row)."""
         if not self.params:
             return {}
         flat = torch.cat([p.detach().reshape(-1) for p in self.params])
