@@ -483,22 +483,17 @@ def _shares(b: Bench, label: str, overrides: list[str]) -> list[Row]:
     timings = best[0]["timings"]
     rows = []
     # exact BN statistics: the pass's own time (timings.bn_stats_s) over the training time
-    if importlib.util.find_spec("mnistlab.bnstats") is None:
-        rows.append(Row(f"share_bn_stats_{label}", NA, target="<= 10%"))
-    elif timings.get("bn_stats_s") is None:
-        rows.append(Row(f"share_bn_stats_{label}", "n/a (summary has no timings.bn_stats_s)"))
-    else:
-        share = timings["bn_stats_s"] / timings["train_s"]
-        rows.append(
-            Row(
-                f"share_bn_stats_{label}",
-                f"{timings['bn_stats_s']:.3f} s of {timings['train_s']:.3f} s",
-                ratio=pct(share),
-                target="<= 10%",
-                ok=share <= 0.10,
-                note="default bn_stats cadence; timings.bn_stats_s / train_s",
-            )
+    share = timings["bn_stats_s"] / timings["train_s"]
+    rows.append(
+        Row(
+            f"share_bn_stats_{label}",
+            f"{timings['bn_stats_s']:.3f} s of {timings['train_s']:.3f} s",
+            ratio=pct(share),
+            target="<= 10%",
+            ok=share <= 0.10,
+            note="default bn_stats cadence; timings.bn_stats_s / train_s",
         )
+    )
     # W&B offline: step time (train_s) with the sink vs without it; start and finish beside
     if not wandb or not all((w[2] / "wandb").is_dir() for w in wandb):
         rows.append(Row(f"share_wandb_{label}", NA, target="<= 5%"))
