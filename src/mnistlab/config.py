@@ -61,6 +61,7 @@ class OptimizerConfig:
     momentum: float = 0.9
     nesterov: bool = False
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    fused: bool = True
 
 
 @dataclass

@@ -48,15 +48,18 @@ def _select_device(accelerator: str) -> Any:
     return torch.device("cpu")
 
 
-def _optimizer(cfg: DictConfig, params: Any) -> Any:
+def build_optimizer(cfg: DictConfig, params: Any) -> Any:
+    """torch's optimizer; ``optimizer.fused`` picks its fused kernel (one op updates every
+    tensor: on a small model the per-tensor updates cost more than the arithmetic)."""
     import torch
 
     o = cfg.optimizer
+    impl = {"fused": True} if o.fused else {}  # false: torch's default implementation
     if o.name == "sgd":
-        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov)
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, **impl)
     if o.name == "adam":
-        return torch.optim.Adam(params, lr=o.lr, betas=tuple(o.betas))
-    return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=0.0)
+        return torch.optim.Adam(params, lr=o.lr, betas=tuple(o.betas), **impl)
+    return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=0.0, **impl)
 
 
 def train_job(cfg: DictConfig, out_dir: Path, rank: int = 0, world_size: int = 1) -> dict[str, Any]:
@@ -103,7 +106,7 @@ def train_job(cfg: DictConfig, out_dir: Path, rank: int = 0, world_size: int = 1
         train = data.Split(train.x.contiguous(memory_format=nhwc), train.y)
         test = data.Split(test.x.contiguous(memory_format=nhwc), test.y)
     reg = regularizers.build(model, r.l1, r.l2, r.l1_mode, r.l2_mode, r.exclude_bn_and_bias)
-    optimizer = _optimizer(cfg, model.parameters())
+    optimizer = build_optimizer(cfg, model.parameters())
     counter, running = StepCounter(), None
     metrics_path = out_dir / "metrics.jsonl"
     if resumed is not None:
@@ -130,7 +133,7 @@ def train_job(cfg: DictConfig, out_dir: Path, rank: int = 0, world_size: int = 1
         write=rank == 0,
     )
     ckpt.extra.update(sinks.ids())  # the W&B run id: a resumed run continues the same W&B run
-    log_every = t.log_every_n_steps or max(1, plan.total_steps // 50)
+    log_every = sinks_.row_every(t.log_every_n_steps, plan.total_steps)
 
     def weight_metrics(step: int) -> dict[str, Any] | None:
         """Norms, sparsity and the penalty's value, on the loop's logging cadence."""
