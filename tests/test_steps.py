@@ -62,6 +62,26 @@ def test_plan_matches_brute_force(plan: StepPlan) -> None:
     assert len(plan.window_sizes()) == plan.steps_per_epoch
 
 
+@settings(max_examples=150, deadline=None)
+@given(plans, st.integers(0, 2**31), st.integers(0, 5), st.data())
+def test_epoch_order_is_the_samplers_order(
+    plan: StepPlan, seed: int, epoch: int, data: st.DataObject
+) -> None:
+    """The loop's tensor version yields exactly what DistributedSampler yields, padding (ranks
+    beyond the samples included) and drop_last's cut alike."""
+    rank = data.draw(st.integers(0, plan.world_size - 1))
+    sampler = DistributedSampler(
+        range(plan.num_samples),
+        num_replicas=plan.world_size,
+        rank=rank,
+        shuffle=True,
+        seed=seed,
+        drop_last=plan.drop_last,
+    )
+    sampler.set_epoch(epoch)
+    assert epoch_order(plan, seed, epoch, rank).tolist() == list(sampler)
+
+
 @settings(max_examples=60, deadline=None)
 @given(plans)
 def test_loop_helpers_cut_what_the_plan_says(plan: StepPlan) -> None:
