@@ -52,6 +52,7 @@ sys.path.insert(0, str(REPO / "src"))
 
 from mnistlab import data, models  # noqa: E402
 from mnistlab.config import register, resolve_threads, validate  # noqa: E402
+from mnistlab.train import build_optimizer  # noqa: E402
 
 NA = "n/a (not available in this build)"
 
@@ -207,13 +208,13 @@ def bare_step_parts(b: Bench, overrides: list[str], batch: int) -> tuple[float, 
     no logging, BN points, checkpoints or bookkeeping): samples/s over one epoch, and the
     seconds per step of each part. What eager PyTorch itself reaches on this machine."""
     cfg = compose([*overrides, f"trainer.batch_size={batch}"])
-    m, o = cfg.model, cfg.optimizer
+    m = cfg.model
     ds = data.load(cfg.dataset.name, cfg.dataset.root, False, cfg.dataset.limit_train)
     x_all, y_all = ds.train.x.to(b.device), ds.train.y.to(b.device)
     torch.manual_seed(0)
     model = models.build(m.name, ds.image_shape, 10, m.hidden, m.channels, m.bn, m.bn_momentum, 0.0)
     model = model.to(b.device).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum)
+    optimizer = build_optimizer(cfg, model.parameters())  # the app's own: the same implementation
     parts = dict.fromkeys(("gather", "forward", "backward", "optimizer"), 0.0)
     order = torch.randperm(len(x_all), device=b.device)
     sync(b.device)
@@ -408,9 +409,17 @@ def row_throughput_cnn(b: Bench) -> list[Row]:
     return _throughput(b, "cnn", b.n(6000, 1280), [0], None)
 
 
-def _flops_row(b: Bench, name: str, overrides: list[str], what: str, target: bool = True) -> Row:
-    runs = [ours(b, [*overrides, "trainer.batch_size=512"])[0] for _ in range(1 if b.quick else 3)]
-    summary = max(runs, key=train_rate)  # best of 3: single runs here vary by ±10%
+def _flops_row(
+    b: Bench,
+    name: str,
+    overrides: list[str],
+    what: str,
+    target: bool = True,
+    runs: list[dict[str, Any]] | None = None,
+) -> Row:
+    if runs is None:
+        runs = [ours(b, [*overrides, "trainer.batch_size=512"])[0] for _ in range(b.n(5, 1))]
+    summary = max(runs, key=train_rate)  # best of 5: single runs here vary by ±10%
     b.results[name] = train_rate(summary)
     cfg = compose(overrides)
     m = cfg.model
@@ -428,9 +437,10 @@ def _flops_row(b: Bench, name: str, overrides: list[str], what: str, target: boo
     )
 
 
-def _bare_row(b: Bench, overrides: list[str], ours_rate: float) -> Row:
+def _bare_row(
+    b: Bench, overrides: list[str], ours_rate: float, runs: list[tuple[float, dict[str, float]]]
+) -> Row:
     """Our loop against the bare loop on the same config: what our bookkeeping costs."""
-    runs = [bare_step_parts(b, overrides, 512) for _ in range(1 if b.quick else 3)]
     rate, parts = max(runs, key=lambda r: r[0])
     cfg = compose(overrides)
     m = cfg.model
@@ -451,15 +461,23 @@ def row_flops(b: Bench) -> list[Row]:
     digits = [f"trainer.epochs={e_digits}", f"trainer.eval_every_n_epochs={e_digits}"]
     wide = mnist_overrides(b, "mlp", b.n(10240, 1024), batch=512)
     mnist = mnist_overrides(b, "mlp", n_mnist, batch=512)
+    ours_runs, bare_runs = [], []
+    for _ in range(b.n(5, 1)):  # alternate: both loops meet the same moments of a shared machine
+        ours_runs.append(ours(b, [*mnist, "trainer.batch_size=512"])[0])
+        bare_runs.append(bare_step_parts(b, mnist, 512))
     mnist_row = _flops_row(
-        b, "flops_mlp_mnist_b512", mnist, "default mlp (784-128-64-10) on MNIST, one epoch"
+        b,
+        "flops_mlp_mnist_b512",
+        mnist,
+        "default mlp (784-128-64-10) on MNIST, one epoch",
+        runs=ours_runs,
     )
     return [
         _flops_row(  # 8x8 inputs: products too small to run at the GEMM rate; reported only
             b, "flops_mlp_digits_b512", digits, "default mlp (64-128-64-10) on digits", False
         ),
         mnist_row,
-        _bare_row(b, mnist, b.results["flops_mlp_mnist_b512"]),
+        _bare_row(b, mnist, b.results["flops_mlp_mnist_b512"], bare_runs),
         _flops_row(
             b,
             "flops_mlp_wide_b512",
