@@ -117,10 +117,13 @@ def test_sweep_jobs_are_offline_wandb_runs_of_one_group(ok_sweep: tuple[Path, An
         assert metrics["*"]["step_metric"] == "optimizer_step"
         history = [r["history"] for r in records if r["type"] == "history"]
         rows = read_jsonl(job / "metrics.jsonl")
-        every = max(1, s["plan"]["total_steps"] // 10)  # the default W&B cadence
+        total = s["plan"]["total_steps"]
+        trained = [r["optimizer_step"] for r in rows if "train/loss" in r]
+        assert all(step % sinks.row_every(None, total) == 0 for step in trained[:-1])
+        every = sinks.wandb_every(None, None, total)  # 90 steps: every row, 10 steps apart
         sent = [r for r in rows if r["optimizer_step"] % every == 0 or "test/acc" in r
                 or "bn/gap_mean" in r]  # fmt: skip
-        assert len(history) == len(sent) < len(rows)
+        assert len(history) == len(sent) and trained[-1] == total
 
         state = leet(run, "--summary")
         assert state["state"] == "finished" and state["exit_code"] == 0
@@ -363,3 +366,22 @@ def test_wandb_sink_cadence_rank_and_summary(tmp_path: Path) -> None:
     state = leet(run, "--summary")
     assert state["summary"]["test/acc"] == 0.75 and state["summary"]["counted/total_steps"] == 12
     assert state["config"]["plan"]["total_steps"] == 12
+
+
+@pytest.mark.parametrize(
+    ("total", "log_every", "rows", "wandb"),
+    [
+        (118, None, 10, 10),  # one MNIST epoch at batch 512: 11 rows, all sent to W&B
+        (900, None, 18, 90),  # the default run: 50 rows, every fifth sent
+        (5000, None, 100, 500),
+        (900, 7, 7, 84),  # an explicit cadence: W&B still takes every k-th row of it
+        (3, None, 10, 10),  # shorter than one cadence: the final step's row only
+    ],
+)
+def test_row_and_wandb_cadence(total: int, log_every: int | None, rows: int, wandb: int) -> None:
+    """Rows come about 50 a run, at least 10 steps apart; W&B's grid is a multiple of the row
+    cadence, so every step it wants has a row."""
+    assert sinks.row_every(log_every, total) == rows
+    assert sinks.wandb_every(None, log_every, total) == wandb
+    assert wandb % rows == 0
+    assert sinks.wandb_every(4, log_every, total) == 4  # logger.wandb.log_every_n_steps wins

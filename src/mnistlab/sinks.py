@@ -32,6 +32,14 @@ def row_every(log_every_n_steps: int | None, total_steps: int) -> int:
     return log_every_n_steps or max(MIN_ROW_STEPS, total_steps // 50)
 
 
+def wandb_every(wandb_every_n_steps: int | None, log_every_n_steps: int | None, total: int) -> int:
+    """W&B's training-row cadence: ``logger.wandb.log_every_n_steps`` if set, else every k-th
+    training row, about ten a run (all of them in a run of fewer than 20), so the grid falls
+    on steps that have a row."""
+    rows = row_every(log_every_n_steps, total)
+    return wandb_every_n_steps or rows * max(1, total // rows // 10)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temporary file in the same folder, fsync, rename: never half a file."""
     path = Path(path)
@@ -268,10 +276,8 @@ class WandbSink:
         self.mode = wandb_mode(w.mode)
         # Each row costs W&B ~1 ms of CPU beside training: by default about ten training rows
         # a run (plus every evaluation and BN-gap row) keep it under 5% of training time.
-        # Every k-th training row, so the W&B grid falls on steps that have a row.
         total = int(plan_dict["total_steps"])
-        rows = row_every(cfg.trainer.log_every_n_steps, total)
-        self.every = every or rows * max(1, total // rows // 10)
+        self.every = wandb_every(every, cfg.trainer.log_every_n_steps, total)
         self.id = run_id or secrets.token_hex(6)
         group, name, overrides = run_identity(out_dir)
         config = OmegaConf.to_container(cfg, resolve=True)
