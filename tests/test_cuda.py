@@ -84,6 +84,11 @@ def test_no_per_step_host_sync(tmp_path: Path) -> None:
     ],
 )
 def test_gpu_options_complete_and_learn(tmp_path: Path, overrides: tuple[str, ...]) -> None:
+    from torch._dynamo.utils import counters
+
+    counters.clear()
     s = run(tmp_path, "trainer.accelerator=cuda", "trainer.epochs=5", *overrides)
     assert s["status"] == "completed" and s["accounting_matches_plan"]
     assert s["final"]["test/acc"] > 0.85, s["final"]
+    if "trainer.compile=true" in overrides:  # dynamo really compiled the training forward
+        assert counters["frames"]["ok"] >= 1, dict(counters["frames"])

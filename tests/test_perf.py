@@ -110,8 +110,10 @@ def test_mnist_run_uses_torchvision(tmp_path: Path, mnist_root: Path) -> None:
 def test_compiled_model_is_not_recompiled_by_bn_points(tmp_path: Path) -> None:
     """The BN-statistics pass hooks the BN layers. Run through the compiled model, dynamo
     would trace the hooks and their accumulators too, and recompile them at every point until
-    its limit (8 each): seconds of compiling and a warning for nothing. The pass runs eagerly."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TORCH_LOGS="recompiles")
+    its limit (8 each): seconds of compiling and a warning for nothing. The pass runs eagerly.
+    And the training forward really is compiled (the in-place ``Module.compile()`` captured no
+    frame of an ``nn.Sequential`` before torch 2.14: compile silently did nothing)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TORCH_LOGS="recompiles,dynamo")
     p = run_app(
         tmp_path, "trainer.compile=true", "logger=none", "trainer.epochs=2",
         "bn_stats.every_n_steps=5", "trainer.accelerator=cpu", env=env, timeout=400,
@@ -119,6 +121,7 @@ def test_compiled_model_is_not_recompiled_by_bn_points(tmp_path: Path) -> None:
     assert p.returncode == 0, p.stderr[-3000:]
     assert read_summary(tmp_path)["status"] == "completed"
     assert read_summary(tmp_path)["bn_updates_equal_micro_batches"] is True
+    assert p.stderr.count("calling compiler function inductor") >= 1, p.stderr[-3000:]
     recompiles = p.stderr.count("Recompiling function")
     # the epoch's short last batch, evaluation's no-grad mode and its batch size: a few at most
     assert recompiles <= 4, p.stderr[-3000:]

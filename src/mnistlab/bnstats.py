@@ -284,14 +284,14 @@ def exact_stats(
     handles = [all_bn[n].register_forward_pre_hook(hook_for(n)) for n in wanted]
     was_training = model.training
     model.eval()
-    # A compiled model (trainer.compile) runs this pass eagerly. Compiled, dynamo would trace
-    # the hooks and accumulators too and recompile them at every point, up to its limit: on
-    # one MNIST epoch at batch 512 that tripled the run's compile time, with warnings.
+    # Eager even under trainer.compile (the compiled wrapper is unwrapped above, and train.py
+    # compiles a wrapper, not the module): traced, the hooks and accumulators would make
+    # dynamo recompile at every point, up to its limit.
     try:
         for xb in _chunks(x, None if index is None else index.to(x.device), size):
             seen_before = len(seen)
             try:
-                with _autocast(xb.device, precision), torch.compiler.set_stance("force_eager"):
+                with _autocast(xb.device, precision):
                     model(xb)
             except _StopForward:
                 pass

@@ -154,8 +154,11 @@ def train_job(cfg: DictConfig, out_dir: Path, rank: int = 0, world_size: int = 1
     if fault is not None:
         loop_cfg.hooks.append(fault)
     loop_cfg.hooks.append(_first_step_clock(loop_cfg.timings))
-    if t.compile:
-        model.compile()  # in place: module names (BN layers, regularized weights) stay the same
+    # The loop trains through `net`; `model` keeps its module names for checkpoints, BN
+    # statistics and the regularizers, and the BN pass calls it eagerly (hooks, no tracing).
+    # torch.compile(module), not the in-place Module.compile(): before torch 2.14 the latter
+    # leaves dynamo no frame to capture for a model whose forward is torch's own (Sequential).
+    net = torch.compile(model) if t.compile else model
     b = cfg.bn_stats
     monitor = bnstats.Monitor(
         model, train.x, batch_size=t.batch_size, total_steps=plan.total_steps,
@@ -178,18 +181,16 @@ def train_job(cfg: DictConfig, out_dir: Path, rank: int = 0, world_size: int = 1
     summary["num_threads"] = torch.get_num_threads()
     try:
         with ckpt.stop_on_signals():
-            counter = fit(
-                model, optimizer, reg, plan, train, test, sinks, loop_cfg, counter, running
-            )
+            counter = fit(net, optimizer, reg, plan, train, test, sinks, loop_cfg, counter, running)
         train_s = time.perf_counter() - t_start
         bn_row, bn_part = monitor.finish(
             counter.micro_batches, counter.optimizer_steps, b.recalibrate,
-            lambda: evaluate(model, test, t.eval_batch_size, t.precision)["acc"],
+            lambda: evaluate(net, test, t.eval_batch_size, t.precision)["acc"],
         )  # fmt: skip
         if bn_row:
             sinks.log(position(counter, plan) | bn_row)
-        final_test = evaluate(model, test, t.eval_batch_size, t.precision)
-        final_train = evaluate(model, train, t.eval_batch_size, t.precision)
+        final_test = evaluate(net, test, t.eval_batch_size, t.precision)
+        final_train = evaluate(net, train, t.eval_batch_size, t.precision)
         mismatches = counter.compare(plan)
         summary.update(
             status="completed" if not mismatches else "failed",
