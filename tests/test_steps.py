@@ -11,22 +11,27 @@ from mnistlab.loop import epoch_order, micro_batches, windows
 from mnistlab.steps import StepCounter, StepPlan
 
 
+def sampler_order(plan: StepPlan, seed: int, epoch: int, rank: int) -> list[int]:
+    """One rank's indices for one epoch, from the real DistributedSampler."""
+    sampler = DistributedSampler(
+        range(plan.num_samples),
+        num_replicas=plan.world_size,
+        rank=rank,
+        shuffle=True,
+        seed=seed,
+        drop_last=plan.drop_last,
+    )
+    sampler.set_epoch(epoch)
+    return list(sampler)
+
+
 def simulate(plan: StepPlan, seed: int = 0) -> dict[str, int]:
     """Walk every rank through every epoch exactly as the loop does, counting by hand."""
     steps_per_rank, micro_per_rank, samples = [], [], 0
     for rank in range(plan.world_size):
         steps = micro = 0
         for epoch in range(plan.epochs):
-            sampler = DistributedSampler(
-                range(plan.num_samples),
-                num_replicas=plan.world_size,
-                rank=rank,
-                shuffle=True,
-                seed=seed,
-                drop_last=plan.drop_last,
-            )
-            sampler.set_epoch(epoch)
-            idx = list(sampler)
+            idx = sampler_order(plan, seed, epoch, rank)
             batches = [idx[i : i + plan.batch_size] for i in range(0, len(idx), plan.batch_size)]
             if plan.drop_last and batches and len(batches[-1]) < plan.batch_size:
                 batches.pop()
@@ -70,16 +75,7 @@ def test_epoch_order_is_the_samplers_order(
     """The loop's tensor version yields exactly what DistributedSampler yields, padding (ranks
     beyond the samples included) and drop_last's cut alike."""
     rank = data.draw(st.integers(0, plan.world_size - 1))
-    sampler = DistributedSampler(
-        range(plan.num_samples),
-        num_replicas=plan.world_size,
-        rank=rank,
-        shuffle=True,
-        seed=seed,
-        drop_last=plan.drop_last,
-    )
-    sampler.set_epoch(epoch)
-    assert epoch_order(plan, seed, epoch, rank).tolist() == list(sampler)
+    assert epoch_order(plan, seed, epoch, rank).tolist() == sampler_order(plan, seed, epoch, rank)
 
 
 @settings(max_examples=60, deadline=None)
