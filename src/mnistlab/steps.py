@@ -154,12 +154,22 @@ class StepCounter:
     samples_seen: int = 0
     epochs: int = 0
 
+    def counted(self) -> dict[str, int]:
+        """The counts under the plan's names, as ``summary.json["counted"]`` holds them."""
+        return {
+            "total_micro_batches": self.micro_batches,
+            "total_steps": self.optimizer_steps,
+            "samples_seen": self.samples_seen,
+            "epochs": self.epochs,
+        }
+
     def compare(self, plan: StepPlan) -> dict[str, tuple[int, int]]:
         """Counted vs planned for every quantity that differs (empty when all match)."""
-        pairs = {
-            "total_micro_batches": (self.micro_batches, plan.total_micro_batches),
-            "total_steps": (self.optimizer_steps, plan.total_steps),
-            "samples_seen": (self.samples_seen, plan.samples_seen),
-            "epochs": (self.epochs, plan.epochs),
+        planned = {
+            "total_micro_batches": plan.total_micro_batches,
+            "total_steps": plan.total_steps,
+            "samples_seen": plan.samples_seen,
+            "epochs": plan.epochs,
         }
+        pairs = {k: (v, planned[k]) for k, v in self.counted().items()}
         return {k: v for k, v in pairs.items() if v[0] != v[1]}

@@ -194,12 +194,7 @@ def train_job(cfg: DictConfig, out_dir: Path, rank: int = 0, world_size: int = 1
         mismatches = counter.compare(plan)
         summary.update(
             status="completed" if not mismatches else "failed",
-            counted={
-                "total_micro_batches": counter.micro_batches,
-                "total_steps": counter.optimizer_steps,
-                "samples_seen": counter.samples_seen,
-                "epochs": counter.epochs,
-            },
+            counted=counter.counted(),
             accounting_matches_plan=not mismatches,
             mismatches={k: {"counted": c, "planned": p} for k, (c, p) in mismatches.items()},
         )
@@ -250,15 +245,7 @@ def train_job(cfg: DictConfig, out_dir: Path, rank: int = 0, world_size: int = 1
             f"hydra.run.dir={out_dir} trainer.resume=true",
         )
     finally:
-        summary.setdefault(  # diverged or interrupted runs: how far they got
-            "counted",
-            {
-                "total_micro_batches": counter.micro_batches,
-                "total_steps": counter.optimizer_steps,
-                "samples_seen": counter.samples_seen,
-                "epochs": counter.epochs,
-            },
-        )
+        summary.setdefault("counted", counter.counted())  # diverged or interrupted: how far
         summary["timings"]["wall_s"] = time.perf_counter() - START
         sinks.finish(summary)
     return summary
