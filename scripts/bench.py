@@ -425,8 +425,7 @@ def _flops_row(
 ) -> Row:
     if runs is None:
         runs = [ours(b, [*overrides, "trainer.batch_size=512"])[0] for _ in range(b.n(5, 1))]
-    rates = sorted(train_rate(s) for s in runs)
-    best = rates[-1]  # best of several: single runs here vary by ±10%
+    best = max(train_rate(s) for s in runs)  # best of several: single runs vary by ±10%
     b.results[name] = best
     cfg = compose(overrides)
     m = cfg.model
@@ -434,10 +433,9 @@ def _flops_row(
     net = models.build(m.name, shape, 10, m.hidden, m.channels, m.bn, m.bn_momentum, 0.0)
     flops = train_flops_per_sample(net, shape, 512)
     frac = best * flops / b.gemm_peak if b.gemm_peak else float("nan")
-    note = f"{what}; {fmt_rate(best)}, best of {len(rates)}"
-    if len(rates) > 2:  # the spread a shared machine gives the same loop
-        lo, mid = rates[0] * flops / b.gemm_peak, rates[len(rates) // 2] * flops / b.gemm_peak
-        note += f" {window}(median {pct(mid)}, worst {pct(lo)})"
+    note = f"{what}; {fmt_rate(best)}, best of {len(runs)}"
+    if len(runs) > 2:  # the spread a shared machine gives the same loop
+        note += f" {window}({_spread([train_rate(s) for s in runs], flops, b.gemm_peak)})"
     return Row(
         name,
         fmt_flops(best * flops),
@@ -448,19 +446,24 @@ def _flops_row(
     )
 
 
+def _spread(rates: list[float], flops: float, peak: float) -> str:
+    """The median and the worst of several runs' samples/s, as fractions of the GEMM rate."""
+    rates = sorted(rates)
+    return (
+        f"median {pct(rates[len(rates) // 2] * flops / peak)}, worst {pct(rates[0] * flops / peak)}"
+    )
+
+
 def _bare_row(
     b: Bench, overrides: list[str], ours_rate: float, runs: list[tuple[float, dict[str, float]]]
 ) -> Row:
     """Our loop against the bare loop on the same config: what our bookkeeping costs."""
-    by_rate = sorted(runs, key=lambda r: r[0])
-    (rate, parts), (low_rate, low_parts) = by_rate[-1], by_rate[0]
-    mid_rate = by_rate[len(runs) // 2][0]
+    (rate, parts), (_, low_parts) = max(runs, key=lambda r: r[0]), min(runs, key=lambda r: r[0])
     cfg = compose(overrides)
     m = cfg.model
     net = models.build(m.name, (1, 28, 28), 10, m.hidden, m.channels, m.bn, m.bn_momentum, 0.0)
     flops = train_flops_per_sample(net, (1, 28, 28), 512)
     frac = rate * flops / b.gemm_peak
-    mid, low = mid_rate * flops / b.gemm_peak, low_rate * flops / b.gemm_peak
 
     def shown(p: dict[str, float]) -> str:
         return ", ".join(f"{k} {v * 1e6:,.0f} us" for k, v in p.items())
@@ -470,8 +473,8 @@ def _bare_row(
         f"{pct(frac)} of GEMM",
         ratio=f"ours {ours_rate / rate:.2f}x",
         note=f"bare loop, same model, data and SGD: {fmt_rate(rate)}, best of {len(runs)} "
-        f"(median {pct(mid)}, worst {pct(low)}); per step of the best: {shown(parts)}"
-        + (f"; of the worst: {shown(low_parts)}" if len(runs) > 2 else ""),
+        f"({_spread([r for r, _ in runs], flops, b.gemm_peak)}); per step of the best: "
+        f"{shown(parts)}" + (f"; of the worst: {shown(low_parts)}" if len(runs) > 2 else ""),
     )
 
 
