@@ -51,8 +51,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from mnistlab import data, models  # noqa: E402
-from mnistlab.config import register, resolve_threads, validate  # noqa: E402
-from mnistlab.train import build_optimizer  # noqa: E402
+from mnistlab.config import register, validate  # noqa: E402
+from mnistlab.optim import build_optimizer  # noqa: E402
+from mnistlab.threads import resolve_threads  # noqa: E402
 
 NA = "n/a (not available in this build)"
 # Seconds the mnist FLOP row keeps alternating our loop and the bare loop (full run).
@@ -127,7 +128,7 @@ def sync(device: str) -> None:
 
 def ours(b: Bench, overrides: list[str]) -> tuple[dict[str, Any], float, Path]:
     """One in-process run of the real app's ``train_job``: (summary, seconds, run folder)."""
-    from mnistlab.train import train_job
+    from mnistlab.job import run as run_job
 
     base = [f"trainer.accelerator={b.device}", "trainer.progress=none"]
     if not any(o.startswith("logger=") for o in overrides):
@@ -136,7 +137,7 @@ def ours(b: Bench, overrides: list[str]) -> tuple[dict[str, Any], float, Path]:
     out = Path(tempfile.mkdtemp(dir=b.work, prefix="run-"))
     sync(b.device)
     t0 = time.perf_counter()
-    summary = train_job(cfg, out)
+    summary = run_job(cfg, out)
     sync(b.device)
     elapsed = time.perf_counter() - t0
     if summary.get("status") != "completed":
@@ -183,7 +184,7 @@ def baseline_rate(b: Bench, model_name: str, samples: int, num_workers: int) -> 
     loader = DataLoader(ds, **kwargs)
     torch.manual_seed(0)
     device = torch.device(b.device)
-    model = models.build(m.name, (1, 28, 28), 10, m.hidden, m.channels, m.bn, m.bn_momentum, 0.0)
+    model = models.build(m, (1, 28, 28), 10, 0.0)
     model = model.to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum)
     model.train()
@@ -212,12 +213,14 @@ def bare_step_parts(b: Bench, overrides: list[str], batch: int) -> tuple[float, 
     seconds per step of each part. What eager PyTorch itself reaches on this machine."""
     cfg = compose([*overrides, f"trainer.batch_size={batch}"])
     m = cfg.model
-    ds = data.load(cfg.dataset.name, cfg.dataset.root, False, cfg.dataset.limit_train)
+    ds = data.load(cfg.dataset)
     x_all, y_all = ds.train.x.to(b.device), ds.train.y.to(b.device)
     torch.manual_seed(0)
-    model = models.build(m.name, ds.image_shape, 10, m.hidden, m.channels, m.bn, m.bn_momentum, 0.0)
+    model = models.build(m, ds.image_shape, 10, 0.0)
     model = model.to(b.device).train()
-    optimizer = build_optimizer(cfg, model.parameters())  # the app's own: the same implementation
+    optimizer = build_optimizer(
+        cfg.optimizer, model.parameters()
+    )  # the app's own: the same implementation
     parts = dict.fromkeys(("gather", "forward", "backward", "optimizer"), 0.0)
     order = torch.randperm(len(x_all), device=b.device)
     sync(b.device)
@@ -430,7 +433,7 @@ def _flops_row(
     cfg = compose(overrides)
     m = cfg.model
     shape = (1, 8, 8) if cfg.dataset.name == "digits" else (1, 28, 28)
-    net = models.build(m.name, shape, 10, m.hidden, m.channels, m.bn, m.bn_momentum, 0.0)
+    net = models.build(m, shape, 10, 0.0)
     flops = train_flops_per_sample(net, shape, 512)
     frac = best * flops / b.gemm_peak if b.gemm_peak else float("nan")
     note = f"{what}; {fmt_rate(best)}, best of {len(runs)}"
@@ -461,7 +464,7 @@ def _bare_row(
     (rate, parts), (_, low_parts) = max(runs, key=lambda r: r[0]), min(runs, key=lambda r: r[0])
     cfg = compose(overrides)
     m = cfg.model
-    net = models.build(m.name, (1, 28, 28), 10, m.hidden, m.channels, m.bn, m.bn_momentum, 0.0)
+    net = models.build(m, (1, 28, 28), 10, 0.0)
     flops = train_flops_per_sample(net, (1, 28, 28), 512)
     frac = rate * flops / b.gemm_peak
 
@@ -871,7 +874,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     print(f"bench took {time.perf_counter() - start:.0f} s")
     if args.markdown:
-        from mnistlab.sinks import atomic_write_bytes
+        from mnistlab.files import atomic_write_bytes
 
         atomic_write_bytes(args.markdown, table.encode())
     return 1 if failed else 0

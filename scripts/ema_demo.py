@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         from pathlib import Path
 
-        from mnistlab.sinks import atomic_write_json
+        from mnistlab.files import atomic_write_json
 
         out = {k: v for k, v in res.items() if k != "trajectories"} | {"grid": rows}
         atomic_write_json(Path(args.json), out)

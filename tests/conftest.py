@@ -19,6 +19,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # The suite never touches the network: W&B (the default logger, mode auto) runs offline even on
 # a machine with W&B credentials. Tests of mode auto itself set their own environment.
 os.environ["WANDB_MODE"] = "offline"
+# The app's processes import the test faults (tests/faults.py) through the callbacks seam.
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (str(Path(__file__).parent), os.environ.get("PYTHONPATH")) if p
+)
 
 
 def write_idx_images(path: Path, images: np.ndarray) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from mnistlab import data
+from mnistlab.config import DatasetConfig
 
 from conftest import ROOT, run_app, write_mnist_layout
 
@@ -46,7 +47,7 @@ def corrupt(root: Path, how: str) -> Path:
 def test_corrupt_idx_names_file_and_fault(tmp_path: Path, how: str, expected: str) -> None:
     root = corrupt(tmp_path, how)
     with pytest.raises(data.DataError) as e:
-        data.load("mnist", str(root), download=False)
+        data.load(DatasetConfig("mnist", str(root), download=False))
     msg = str(e.value)
     assert expected in msg and str(root / "MNIST" / "raw") in msg and "\n" not in msg
 

@@ -49,8 +49,9 @@ def test_flop_count_of_an_mlp_training_step() -> None:
     """Forward 2 FLOPs per weight and sample; backward 4, except the first layer's 2 (no
     gradient for the input): 784-128-64-10 does 2*W + 4*W - 2*784*128 per sample."""
     from mnistlab import models
+    from mnistlab.config import ModelConfig
 
-    net = models.build("mlp", (1, 28, 28), 10, [128, 64], [16, 32], True, 0.1, 0.0)
+    net = models.build(ModelConfig(), (1, 28, 28), 10, 0.0)
     weights = 784 * 128 + 128 * 64 + 64 * 10
     got = bench_module().train_flops_per_sample(net, (1, 28, 28), 32)
     assert got == 6 * weights - 2 * 784 * 128

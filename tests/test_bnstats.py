@@ -16,6 +16,8 @@ from torch import nn
 
 from mnistlab import bnstats
 from mnistlab.bnstats import LayerStats, Moments, chan_merge, exact_stats, merge_across_ranks
+from mnistlab.models import bn_layers
+from mnistlab.steps import Cadence
 
 from conftest import ROOT, read_jsonl, read_summary, run_app
 
@@ -53,7 +55,7 @@ def _brute_force(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[torch.Ten
     captured: dict[str, torch.Tensor] = {}
     handles = [
         m.register_forward_pre_hook(lambda mod, inp, n=n: captured.__setitem__(n, inp[0]))
-        for n, m in bnstats.bn_layers(model).items()
+        for n, m in bn_layers(model).items()
     ]
     model.eval()
     with torch.no_grad():
@@ -104,7 +106,7 @@ def test_per_batch_spread_is_measured_on_sub_batches_of_the_training_batch_size(
     inputs: dict[str, torch.Tensor] = {}
     hs = [
         m.register_forward_pre_hook(lambda mod, inp, n=n: inputs.__setitem__(n, inp[0].double()))
-        for n, m in bnstats.bn_layers(model).items()
+        for n, m in bn_layers(model).items()
     ]
     parts: dict[str, list[torch.Tensor]] = {n: [] for n in captured}
     with torch.no_grad():
@@ -219,7 +221,9 @@ def _frozen_ema_run(
     with torch.no_grad():
         for _ in range(t):
             model(x[torch.randperm(n, generator=g)[:b]])
-    mon = bnstats.Monitor(model, x, batch_size=b, total_steps=t, probe_samples=probe, seed=seed)
+    mon = bnstats.Monitor(
+        model, x, batch_size=b, cadence=Cadence.of(t), probe_samples=probe, seed=seed
+    )
     return mon.measure()
 
 
@@ -290,7 +294,7 @@ def test_monitor_finish_recalibrates_and_reports_accuracy_before_and_after() -> 
         model.train()
         return out
 
-    mon = bnstats.Monitor(model, x, batch_size=32, total_steps=12, every_n_steps=4)
+    mon = bnstats.Monitor(model, x, batch_size=32, cadence=Cadence.of(12, bn=4))
     row, part = mon.finish(
         micro_batches=12, optimizer_steps=12, recalibrate_stats=True, evaluate=acc
     )
@@ -307,14 +311,16 @@ def test_monitor_finish_recalibrates_and_reports_accuracy_before_and_after() -> 
 
 def test_monitor_cadence_and_no_side_effects() -> None:
     model, x, _ = _trained()
-    mon = bnstats.Monitor(model, x, batch_size=32, total_steps=50, probe_samples=100, seed=3)
-    assert mon.every == 2  # about 20 points: 50 // 20
+    mon = bnstats.Monitor(
+        model, x, batch_size=32, cadence=Cadence.of(50), probe_samples=100, seed=3
+    )
+    assert mon.cadence.bn_every == 2  # about 20 points: 50 // 20
     buffers = {k: v.clone() for k, v in model.state_dict().items()}
     rng = torch.get_rng_state()
     model.train()
-    assert mon(3) is None
-    row = mon(4)
-    assert row is not None and mon(50) is not None  # cadence, and always the last step
+    assert mon.on_step(3) is None
+    row = mon.on_step(4)
+    assert row is not None and mon.on_step(50) is not None  # cadence, and always the last step
     assert set(row) >= {f"bn/1/{k}" for k in bnstats.GAP_KEYS} | {"bn/gap_mean", "bn/gap_max"}
     assert row["bn/5/num_batches_tracked"] == 12
     assert model.training
@@ -323,14 +329,16 @@ def test_monitor_cadence_and_no_side_effects() -> None:
         assert torch.equal(v, buffers[k]), k
     assert len(mon.index["final"]) == len(mon.index["periodic"]) == 100 and mon.seconds > 0
     # one seed, one probe: the rows repeat exactly
-    again = bnstats.Monitor(model, x, batch_size=32, total_steps=50, probe_samples=100, seed=3)
-    assert again(4) == row
+    again = bnstats.Monitor(
+        model, x, batch_size=32, cadence=Cadence.of(50), probe_samples=100, seed=3
+    )
+    assert again.on_step(4) == row
 
 
 def test_monitor_without_bn_layers_is_silent() -> None:
     model = nn.Sequential(nn.Flatten(), nn.Linear(36, 3))
-    mon = bnstats.Monitor(model, _data(), batch_size=8, total_steps=10)
-    assert mon(10) is None
+    mon = bnstats.Monitor(model, _data(), batch_size=8, cadence=Cadence.of(10))
+    assert mon.on_step(10) is None
     assert mon.finish(10, 10) == ({}, {})
 
 
@@ -430,12 +438,12 @@ def test_default_probe_is_a_subset_periodically_and_the_whole_set_at_the_end(
 ) -> None:
     monkeypatch.setattr(bnstats, "PERIODIC_PROBE", 150)
     model, x, _ = _trained()
-    mon = bnstats.Monitor(model, x, batch_size=32, total_steps=40, every_n_steps=10)
+    mon = bnstats.Monitor(model, x, batch_size=32, cadence=Cadence.of(40, bn=10))
     assert mon.sizes == {"periodic": 150, "final": 400}
     assert torch.equal(mon.index["periodic"], mon.index["final"][:150])  # nested
     assert mon.probe_noise("final") == 0.0
     assert mon.probe_noise("periodic") == pytest.approx(32 / 150 * 250 / 399)
-    periodic, final = mon(10), mon(40)
+    periodic, final = mon.on_step(10), mon.on_step(40)
     assert periodic is not None and final is not None
     assert mon.last_step == 40  # finish() reuses the whole-set measurement
     exact = bnstats.gap_metrics(model, exact_stats(model, x, batch_size=32))
@@ -450,7 +458,7 @@ def test_console_lines_keep_bn_aggregates_only(caplog: pytest.LogCaptureFixture)
     sink = ConsoleSink(total_steps=10, mode="lines")
     row = {"optimizer_step": 10, "bn/gap_mean": 0.5, "bn/2/mean_gap_mean": 0.25, "test/acc": 0.9}
     with caplog.at_level("INFO", logger="mnistlab"):
-        sink.log(row)
+        sink.log(row, "eval")
     assert "bn/gap_mean=0.5" in caplog.text and "test/acc=0.9" in caplog.text
     assert "bn/2/" not in caplog.text
 

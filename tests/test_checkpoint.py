@@ -1,8 +1,9 @@
 """Checkpoints and resume, determinism, divergence and signals, on the real app.
 
-A run killed with SIGKILL at a chosen point (the test hooks ``MNISTLAB_TEST_KILL_AT_MICRO_BATCH``
-and ``MNISTLAB_TEST_KILL_AFTER_CHECKPOINT``) and resumed must end with exactly the rows and
-final metrics of an uninterrupted run: on CPU every number is reproducible bit for bit.
+A run killed with SIGKILL at a chosen point (the faults ``KillAtMicroBatch`` and
+``KillAfterSave`` of ``tests/faults.py``, added as callbacks) and resumed must end with exactly
+the rows and final metrics of an uninterrupted run: on CPU every number is reproducible bit
+for bit.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from typing import Any
 
 import pytest
 import torch
+from faults import KillAfterSave, KillAtMicroBatch, override
 
 from mnistlab import checkpoint
-from mnistlab.config import ConfigError
+from mnistlab.errors import ConfigError, Diverged
 from mnistlab.steps import StepCounter
 
 from conftest import ROOT, read_jsonl, read_summary, run_app
@@ -41,13 +43,10 @@ TINY = (
 )
 
 
-def app(
-    run_dir: Path, *overrides: str, env: dict[str, str] | None = None, multirun: bool = False
-) -> subprocess.CompletedProcess[str]:
-    """The real app in a subprocess with one thread; ``env`` adds test hooks."""
-    full_env = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_SILENT="true", OMP_NUM_THREADS="1")
-    full_env.update(env or {})
-    return run_app(run_dir, *overrides, env=full_env, multirun=multirun)
+def app(run_dir: Path, *overrides: str, multirun: bool = False) -> subprocess.CompletedProcess[str]:
+    """The real app in a subprocess with one thread."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_SILENT="true", OMP_NUM_THREADS="1")
+    return run_app(run_dir, *overrides, env=env, multirun=multirun)
 
 
 def ok(p: subprocess.CompletedProcess[str]) -> None:
@@ -139,16 +138,17 @@ def test_resume_refuses_missing_foreign_and_different_config(tmp_path: Path) -> 
 
 
 def test_checkpointer_never_saves_a_diverged_model(tmp_path: Path) -> None:
-    from mnistlab.loop import Diverged
+    from mnistlab.loop import Running
 
     model = torch.nn.Linear(2, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    ckpt = checkpoint.Checkpointer(tmp_path / "c.pt", model, opt, {}, None, None)
+    ckpt = checkpoint.Checkpointer(tmp_path, model, opt, {}, None)
     with torch.no_grad():
         model.weight[0, 0] = float("inf")
+    running = Running.zeros(torch.device("cpu"), {"loss": 1.0, "correct": 0, "count": 1})
     with pytest.raises(Diverged):
-        ckpt(StepCounter(optimizer_steps=4), {"loss": 1.0, "correct": 0, "count": 1}, True)
-    assert not (tmp_path / "c.pt").exists()
+        ckpt.on_epoch_end(StepCounter(optimizer_steps=4), running)
+    assert not (tmp_path / checkpoint.LAST).exists()
 
 
 # ---- the real app ---------------------------------------------------------------------------
@@ -158,14 +158,14 @@ KILLS = {
     # mid-window in epoch 1 (micro-batch 8 of the window 7-9); then right after the resumed
     # run's first checkpoint (step 4: mid-epoch, between two logged rows)
     "mid-window/after-checkpoint": [
-        {"MNISTLAB_TEST_KILL_AT_MICRO_BATCH": "8"},
-        {checkpoint.KILL_AFTER_ENV: "1"},
+        override("kill", KillAtMicroBatch, at=8),
+        override("kill", KillAfterSave, nth=1),
     ],
     # right after epoch 1's end checkpoint (the 4th: steps 0, 2, 4, end of epoch); then
     # mid-window in epoch 3 (micro-batch 31 of the window 30-32)
     "epoch-end/mid-window": [
-        {checkpoint.KILL_AFTER_ENV: "4"},
-        {"MNISTLAB_TEST_KILL_AT_MICRO_BATCH": "31"},
+        override("kill", KillAfterSave, nth=4),
+        override("kill", KillAtMicroBatch, at=31),
     ],
 }
 
@@ -176,9 +176,9 @@ def test_sigkill_then_resume_equals_uninterrupted_run(
     case: str, baseline: Path, tmp_path: Path
 ) -> None:
     run = tmp_path / "run"
-    for i, hook in enumerate(KILLS[case]):
+    for i, fault in enumerate(KILLS[case]):
         extra = ("trainer.resume=true",) if i else ()
-        p = app(run, *TINY, *extra, env=hook)
+        p = app(run, *TINY, *extra, *fault)
         assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
         assert (run / checkpoint.LAST).is_file()
     p = app(run, *TINY, "trainer.resume=true")

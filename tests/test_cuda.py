@@ -1,7 +1,7 @@
 """The GPU path: run by ``scripts/gpu_check.sh`` on a machine with CUDA, skipped elsewhere.
 
 Data resident on the device, no per-step host syncs, bf16 autocast, ``torch.compile`` and
-channels_last for the cnn, each through the real ``train_job`` on the bundled digits.
+channels_last for the cnn, each through the real job (``mnistlab.job.run``) on the bundled digits.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from mnistlab.config import register, validate
+from mnistlab.job import run as run_job
 from mnistlab.plan import CONF_DIR
-from mnistlab.train import train_job
 
 pytestmark = [
     pytest.mark.cuda,
@@ -32,7 +32,7 @@ def run(tmp_path: Path, *overrides: str) -> dict[str, Any]:
         )
     validate(cfg)
     tmp_path.mkdir(parents=True, exist_ok=True)
-    return train_job(cfg, tmp_path)
+    return run_job(cfg, tmp_path)
 
 
 def test_cuda_run_matches_cpu_accounting_and_learns(tmp_path: Path) -> None:

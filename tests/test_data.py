@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from mnistlab import data
+from mnistlab.config import DatasetConfig
 
 
 def test_digits_split_is_fixed_stratified_and_normalized() -> None:
-    d = data.load("digits")
+    d = data.load(DatasetConfig())
     assert len(d.train) == data.TRAIN_SIZES["digits"]
     assert len(d.train) + len(d.test) == 1797
     assert d.image_shape == (1, 8, 8)
@@ -24,7 +25,7 @@ def test_digits_split_is_fixed_stratified_and_normalized() -> None:
     # stratified: every class in test holds roughly its share
     counts = torch.bincount(d.test.y, minlength=10)
     assert int(counts.min()) >= 35 and int(counts.max()) <= 37
-    again = data.load("digits")
+    again = data.load(DatasetConfig())
     assert torch.equal(again.test.y, d.test.y)
 
 
@@ -39,7 +40,7 @@ def test_digits_match_scikit_learn_loader_and_split() -> None:
     x_tr, x_te, y_tr, y_te = train_test_split(
         bunch.images, bunch.target, test_size=0.2, stratify=bunch.target, random_state=0
     )
-    d = data.load("digits")
+    d = data.load(DatasetConfig())
     assert torch.equal(d.train.y, torch.as_tensor(y_tr)) and torch.equal(
         d.test.y, torch.as_tensor(y_te)
     )
@@ -64,7 +65,8 @@ def test_digits_fall_back_to_the_public_loader(monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_default_run_does_not_import_scikit_learn() -> None:
-    code = "import sys; from mnistlab import data; data.load('digits'); print(sorted(sys.modules))"
+    code = "import sys; from mnistlab import data; from mnistlab.config import DatasetConfig\n"
+    code += "data.load(DatasetConfig()); print(sorted(sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "mnistlab.data" in out.stdout and "sklearn" not in out.stdout
 
@@ -74,7 +76,7 @@ def test_default_run_does_not_import_scikit_learn() -> None:
     [("mnist", "MNIST"), ("fashion_mnist", "FashionMNIST"), ("kmnist", "KMNIST")],
 )
 def test_torchvision_classes_read_generated_idx(mnist_root: Path, name: str, folder: str) -> None:
-    d = data.load(name, str(mnist_root), download=False)
+    d = data.load(DatasetConfig(name, str(mnist_root), download=False))
     assert len(d.train) == 600 and len(d.test) == 200
     assert d.image_shape == (1, 28, 28)
     assert d.train.x.dtype == torch.float32 and d.train.y.dtype == torch.int64
@@ -83,17 +85,17 @@ def test_torchvision_classes_read_generated_idx(mnist_root: Path, name: str, fol
 
 
 def test_limit_train_is_a_seeded_subset(mnist_root: Path) -> None:
-    a = data.load("mnist", str(mnist_root), False, limit_train=100)
-    b = data.load("mnist", str(mnist_root), False, limit_train=100)
+    a = data.load(DatasetConfig("mnist", str(mnist_root), False, limit_train=100))
+    b = data.load(DatasetConfig("mnist", str(mnist_root), False, limit_train=100))
     assert len(a.train) == 100
     assert torch.equal(a.train.x, b.train.x)
     with pytest.raises(data.DataError, match="limit_train"):
-        data.load("mnist", str(mnist_root), False, limit_train=601)
+        data.load(DatasetConfig("mnist", str(mnist_root), False, limit_train=601))
 
 
 def test_missing_files_name_folder_and_fix(tmp_path: Path) -> None:
     with pytest.raises(data.DataError) as e:
-        data.load("kmnist", str(tmp_path), download=False)
+        data.load(DatasetConfig("kmnist", str(tmp_path), download=False))
     msg = str(e.value)
     assert str(tmp_path / "KMNIST" / "raw") in msg and "dataset.download=true" in msg
     assert "\n" not in msg
@@ -105,7 +107,7 @@ def test_unreachable_download_is_one_line(tmp_path: Path, monkeypatch: pytest.Mo
 
     monkeypatch.setattr(tvd.KMNIST, "mirrors", ["http://127.0.0.1:9/"])
     with pytest.raises(data.DataError) as e:
-        data.load("kmnist", str(tmp_path), download=True)
+        data.load(DatasetConfig("kmnist", str(tmp_path), download=True))
     msg = str(e.value)
     assert msg.startswith("dataset.download=true") and "\n" not in msg
     assert str(tmp_path / "KMNIST" / "raw") in msg

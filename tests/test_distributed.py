@@ -16,10 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from faults import RaiseAtStep, override
 from hydra import compose, initialize_config_dir
 
 from mnistlab import distributed
-from mnistlab.config import ConfigError, register
+from mnistlab.config import register
+from mnistlab.errors import ConfigError
 
 from conftest import ROOT, read_jsonl, read_summary, run_app
 
@@ -91,14 +93,17 @@ def test_impossible_launches_are_one_line_errors(
         assert w in str(e.value)
 
 
-def test_fault_hook_is_off_unless_asked() -> None:
-    assert distributed.fault_hook(1, env={}) is None
-    assert distributed.fault_hook(0, env={"MNISTLAB_FAULT_RANK": "1"}) is None
-    hook = distributed.fault_hook(1, env={"MNISTLAB_FAULT_RANK": "1", "MNISTLAB_FAULT_STEP": "3"})
-    assert hook is not None
-    hook(2)
-    with pytest.raises(RuntimeError, match="injected fault at optimizer step 3"):
-        hook(3)
+def test_callbacks_seam_instantiates_callbacks_and_refuses_others() -> None:
+    from mnistlab.job import _callbacks
+
+    cfg = _cfg(*override("fault", RaiseAtStep, rank=1, step=3))
+    (fault,) = _callbacks(cfg.callbacks)
+    assert isinstance(fault, RaiseAtStep) and (fault.rank, fault.step) == (1, 3)
+    assert fault.on_step(3) is None  # this process is rank 0: only rank 1 fails
+    with pytest.raises(ConfigError, match=r"callbacks\.x\._target_='collections\.Counter'"):
+        _callbacks(_cfg("+callbacks.x._target_=collections.Counter").callbacks)
+    with pytest.raises(ConfigError, match=r"callbacks\.x\._target_='no\.such\.Thing'"):
+        _callbacks(_cfg("+callbacks.x._target_=no.such.Thing").callbacks)
 
 
 # ------------------------------------------------------------- slow: real process groups
@@ -170,7 +175,7 @@ def test_two_ranks_of_b_match_one_process_of_2b(two_rank_sweep: Path, tmp_path: 
 
 @pytest.mark.slow
 def test_a_rank_that_raises_fails_the_job_within_60s(tmp_path: Path) -> None:
-    env = dict(os.environ, MNISTLAB_FAULT_RANK="1", MNISTLAB_FAULT_STEP="3", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
     args = [
         sys.executable,
         "-m",
@@ -178,6 +183,7 @@ def test_a_rank_that_raises_fails_the_job_within_60s(tmp_path: Path) -> None:
         f"hydra.run.dir={tmp_path}",
         "trainer.devices=2",
         *TINY,
+        *override("fault", RaiseAtStep, rank=1, step=3),
     ]
     t0 = time.monotonic()
     p = subprocess.run(

@@ -6,10 +6,16 @@ import torch
 from torch import nn
 
 from mnistlab.data import Split
-from mnistlab.loop import LoopConfig, fit
+from mnistlab.loop import Loop, LoopConfig
 from mnistlab.regularizers import Regularizer
 from mnistlab.sinks import Sinks
-from mnistlab.steps import StepPlan
+from mnistlab.steps import Cadence, StepCounter, StepPlan
+
+
+def fit(model: nn.Module, opt: torch.optim.Optimizer, plan: StepPlan, split: Split) -> StepCounter:
+    """The real loop, no sinks, no callbacks; training and test data the same."""
+    cfg = LoopConfig(seed=0, cadence=Cadence.of(plan.total_steps))
+    return Loop(model, opt, Regularizer([]), plan, split, split, Sinks(), cfg).fit().counter
 
 
 def test_uneven_window_update_equals_full_batch_mean_gradient() -> None:
@@ -20,9 +26,7 @@ def test_uneven_window_update_equals_full_batch_mean_gradient() -> None:
     # batch 4 over 10 samples: micro-batches of 4, 4, 2, all in one window of 3
     plan = StepPlan(10, 1, 4, 1, 3, drop_last=False)
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
-    counter = fit(
-        model, opt, Regularizer([]), plan, Split(x, y), Split(x, y), Sinks(), LoopConfig(seed=0)
-    )
+    counter = fit(model, opt, plan, Split(x, y))
     assert (counter.micro_batches, counter.optimizer_steps) == (3, 1)
 
     ref = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
@@ -39,8 +43,6 @@ def test_short_last_window_still_steps() -> None:
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
     plan = StepPlan(10, 2, 3, 1, 3, drop_last=False)  # 4 micro-batches: windows of 3 and 1
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    counter = fit(
-        model, opt, Regularizer([]), plan, Split(x, y), Split(x, y), Sinks(), LoopConfig(seed=0)
-    )
+    counter = fit(model, opt, plan, Split(x, y))
     assert counter.optimizer_steps == plan.total_steps == 4
     assert counter.compare(plan) == {}

@@ -14,9 +14,10 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from mnistlab.config import register, resolve_threads, validate
+from mnistlab.config import register, validate
+from mnistlab.job import run as run_job
 from mnistlab.plan import CONF_DIR
-from mnistlab.train import train_job
+from mnistlab.threads import resolve_threads
 
 from conftest import ROOT, read_summary, run_app
 
@@ -31,7 +32,7 @@ def test_summary_records_first_step_and_threads(tmp_path: Path) -> None:
             overrides=["trainer.epochs=1", "trainer.progress=none", "trainer.accelerator=cpu"],
         )
     validate(cfg)
-    s = train_job(cfg, tmp_path)
+    s = run_job(cfg, tmp_path)
     t = s["timings"]
     assert s["status"] == "completed"
     assert t["startup_s"] <= t["first_step_s"] <= t["wall_s"]

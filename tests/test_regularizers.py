@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from mnistlab import models, regularizers
+from mnistlab.config import ModelConfig, RegularizerConfig
 
 from conftest import read_jsonl, read_summary, run_app
 
@@ -17,12 +18,13 @@ QUIET = ("trainer.num_threads=1", "logger=none", "trainer.progress=none")
 
 def _mlp(dropout: float = 0.0) -> nn.Sequential:
     torch.manual_seed(0)
-    return models.build("mlp", (1, 8, 8), 10, [32, 16], [16, 32], True, 0.1, dropout)
+    return models.build(ModelConfig(hidden=[32, 16]), (1, 8, 8), 10, dropout)
 
 
 def test_penalty_values_and_excluded_parameters_get_no_gradient() -> None:
     model = _mlp()
-    reg = regularizers.build(model, 0.01, 0.1, "penalty", "penalty", exclude_bn_and_bias=True)
+    penalties = RegularizerConfig(l1=0.01, l2=0.1, l1_mode="penalty")
+    reg = regularizers.build(model, penalties)
     weights = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
     expected = sum(0.01 * w.abs().sum() + 0.05 * w.pow(2).sum() for w in weights)
     penalty = reg.penalty()
@@ -34,7 +36,8 @@ def test_penalty_values_and_excluded_parameters_get_no_gradient() -> None:
             assert p.grad is not None and p.grad.abs().sum() > 0, name
         else:  # BN scale/shift and biases: untouched by the penalty
             assert p.grad is None or not p.grad.any(), name
-    everything = regularizers.build(model, 0.01, 0.0, "penalty", "penalty", False)
+    l1_all = RegularizerConfig(l1=0.01, l1_mode="penalty", exclude_bn_and_bias=False)
+    everything = regularizers.build(model, l1_all)
     assert len(everything.params) == len(list(model.parameters())) > len(reg.params)
 
 
@@ -63,7 +66,7 @@ def test_dropout_changes_train_outputs_and_eval_is_deterministic() -> None:
     with torch.no_grad():
         assert torch.equal(model(x), model(x))
     assert any(isinstance(m, nn.Dropout) for m in model.modules())
-    cnn = models.build("cnn", (1, 28, 28), 10, [32], [4, 8], True, 0.1, 0.5)
+    cnn = models.build(ModelConfig("cnn", hidden=[32], channels=[4, 8]), (1, 28, 28), 10, 0.5)
     assert any(isinstance(m, nn.Dropout) for m in cnn.modules())
 
 

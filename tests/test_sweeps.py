@@ -22,11 +22,11 @@ from hydra_plugins.hydra_joblib_launcher.config import JobLibLauncherConf
 from omegaconf import OmegaConf
 
 from mnistlab import compare, sinks
-from mnistlab.config import ConfigError
+from mnistlab.errors import ConfigError
 from mnistlab.plan import CONF_DIR, plan_from_overrides
 from mnistlab.plan import main as plan_main
-from mnistlab.steps import StepPlan
-from mnistlab.train import parallel_jobs
+from mnistlab.steps import Cadence, StepPlan
+from mnistlab.threads import parallel_jobs
 
 from conftest import ROOT, read_jsonl, read_summary, run_app
 
@@ -119,8 +119,9 @@ def test_sweep_jobs_are_offline_wandb_runs_of_one_group(ok_sweep: tuple[Path, An
         rows = read_jsonl(job / "metrics.jsonl")
         total = s["plan"]["total_steps"]
         trained = [r["optimizer_step"] for r in rows if "train/loss" in r]
-        assert all(step % sinks.row_every(None, total) == 0 for step in trained[:-1])
-        every = sinks.wandb_every(None, None, total)  # 90 steps: every row, 10 steps apart
+        cadence = Cadence.of(total)
+        assert all(step % cadence.row_every == 0 for step in trained[:-1])
+        every = cadence.wandb_every  # 90 steps: every row, 10 steps apart
         sent = [r for r in rows if r["optimizer_step"] % every == 0 or "test/acc" in r
                 or "bn/gap_mean" in r]  # fmt: skip
         assert len(history) == len(sent) and trained[-1] == total
@@ -348,16 +349,18 @@ def test_wandb_sink_cadence_rank_and_summary(tmp_path: Path) -> None:
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
     plan = StepPlan(384, 1, 32, 1, 1, False)  # 12 steps
-    assert sinks.build(cfg, tmp_path / "rank1", plan, rank=1).sinks == []
-    fan_out = sinks.build(cfg, tmp_path, plan, rank=0)
+    cadence = Cadence.of(12, wandb=cfg.logger.wandb.log_every_n_steps, has_bn=False)
+    assert sinks.build(cfg.logger, tmp_path / "rank1", plan, cadence, rank=1).sinks == []
+    fan_out = sinks.build(cfg.logger, tmp_path, plan, cadence, progress="none", rank=0)
     assert [type(s).__name__ for s in fan_out.sinks] == ["ConsoleSink", "JsonlSink", "WandbSink"]
     for step in range(1, 13):
         fan_out.log({"optimizer_step": step, "samples_seen": 32 * step, "train/loss": 1 / step})
         if step == 7:
-            fan_out.log({"optimizer_step": step, "samples_seen": 32 * step, "test/acc": 0.5})
+            row = {"optimizer_step": step, "samples_seen": 32 * step, "test/acc": 0.5}
+            fan_out.log(row, kind="eval")
     summary = {"status": "completed", "final": {"test/acc": 0.75}, "counted": {"total_steps": 12}}
-    fan_out.finish(summary)
-    assert summary["timings"]["wandb_log_s"] >= 0 and summary["timings"]["wandb_init_s"] > 0
+    timings = fan_out.finish(summary)
+    assert timings["wandb_log_s"] >= 0 and timings["wandb_init_s"] > 0
 
     run = wandb_run_dir(tmp_path)
     steps = [r["history"]["item"]["optimizer_step"] for r in leet(run) if r["type"] == "history"]
@@ -381,7 +384,10 @@ def test_wandb_sink_cadence_rank_and_summary(tmp_path: Path) -> None:
 def test_row_and_wandb_cadence(total: int, log_every: int | None, rows: int, wandb: int) -> None:
     """Rows come about 50 a run, at least 10 steps apart; W&B's grid is a multiple of the row
     cadence, so every step it wants has a row."""
-    assert sinks.row_every(log_every, total) == rows
-    assert sinks.wandb_every(None, log_every, total) == wandb
+    cadence = Cadence.of(total, rows=log_every)
+    assert (cadence.row_every, cadence.wandb_every) == (rows, wandb)
     assert wandb % rows == 0
-    assert sinks.wandb_every(4, log_every, total) == 4  # logger.wandb.log_every_n_steps wins
+    assert Cadence.of(total, rows=log_every, wandb=4).wandb_every == 4  # W&B's own key wins
+    # every cadence fires at the last step; W&B's grid takes it through the BN point
+    assert cadence.row(total) and cadence.bn_point(total) and cadence.wandb_row(total)
+    assert not Cadence.of(total, has_bn=False).bn_point(total)

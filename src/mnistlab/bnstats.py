@@ -25,7 +25,6 @@ independent spatial positions. Knows nothing of Hydra or W&B.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
 import time
@@ -36,7 +35,10 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
+
+from .loop import Callback
+from .models import autocast, bn_layers, unwrap
+from .steps import Cadence
 
 # With ``probe_samples=None`` the periodic points measure a seeded subset of at most this many
 # samples, and at most PROBE_SHARE of the samples trained between two points (at least
@@ -141,23 +143,6 @@ def merge_across_ranks(stats: dict[str, LayerStats]) -> dict[str, LayerStats]:
     return out
 
 
-def bn_layers(model: nn.Module) -> dict[str, _BatchNorm]:
-    """Every BatchNorm layer that keeps running statistics, by qualified name."""
-    return {
-        n: m
-        for n, m in model.named_modules()
-        if isinstance(m, _BatchNorm) and m.track_running_stats and m.running_mean is not None
-    }
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The plain module: DDP's ``module`` (no collectives in the pass), compile's ``_orig_mod``
-    (eager, so the hooks fire)."""
-    for attr in ("module", "_orig_mod", "module"):
-        model = getattr(model, attr, model)
-    return model
-
-
 class _StopForward(Exception):
     """Raised by the last hook needed: nothing downstream of it matters to the pass."""
 
@@ -228,12 +213,6 @@ class _Accumulator:
         return LayerStats(data, batch_mean, batch_var)
 
 
-def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def _chunks(x: Tensor, index: Tensor | None, size: int) -> Iterator[Tensor]:
     """``x[index]`` in chunks; without an index, views of ``x`` (no gather, no copy)."""
     for start in range(0, len(x) if index is None else len(index), size):
@@ -263,7 +242,7 @@ def exact_stats(
     with the layers' names in the order they fired, i.e. upstream first. The result is
     merged across ranks (each rank passes its own share of the data).
     """
-    model = _unwrap(model)
+    model = unwrap(model)
     all_bn = bn_layers(model)
     wanted = list(all_bn) if layers is None else list(layers)
     b = max(1, int(batch_size))
@@ -284,14 +263,14 @@ def exact_stats(
     handles = [all_bn[n].register_forward_pre_hook(hook_for(n)) for n in wanted]
     was_training = model.training
     model.eval()
-    # Eager even under trainer.compile (the compiled wrapper is unwrapped above, and train.py
+    # Eager even under trainer.compile (the compiled wrapper is unwrapped above, and the job
     # compiles a wrapper, not the module): traced, the hooks and accumulators would make
     # dynamo recompile at every point, up to its limit.
     try:
         for xb in _chunks(x, None if index is None else index.to(x.device), size):
             seen_before = len(seen)
             try:
-                with _autocast(xb.device, precision):
+                with autocast(xb.device, precision):
                     model(xb)
             except _StopForward:
                 pass
@@ -365,6 +344,39 @@ GAP_KEYS = (
 )
 
 
+def _per_channel(
+    cols: np.ndarray, eps: np.ndarray, w0: np.ndarray, f2: np.ndarray, probe_noise: float
+) -> np.ndarray:
+    """Per channel, from the 8 rows of :func:`gap_metrics`' columns: |gap|, |log ratio|, log
+    ratio, and the theory's expected |gap| (bias and noise, noise, bias) and |log ratio|.
+
+    In units of what BN itself divides by, sqrt(var + eps): a channel that L1 or a dead ReLU
+    left constant (var 0) then reads as a gap of ~0, not as 1e4 standard deviations."""
+    mean, var, bm_mean, bm_var, bv_mean, bv_var, rm, rv = cols
+    var_c = var + eps
+    std = np.sqrt(var_c)
+    gap = np.abs(rm - mean) / std
+    lvr = np.log((np.maximum(rv, 0.0) + eps) / var_c)
+    # Mean: E[running] = w0 * 0 + (1 - w0) * E[batch mean]; noise from sd(batch mean).
+    bias = (w0 * INIT_MEAN + (1 - w0) * bm_mean - mean) / std
+    noise = np.sqrt((f2 + probe_noise) * bm_var) / std
+    # Variance: E[running] = w0 * 1 + (1 - w0) * E[batch var]; the log by the delta method.
+    expect_rv = np.maximum(w0 * INIT_VAR + (1 - w0) * bv_mean, 0.0) + eps
+    lv_center = np.log(expect_rv / var_c)
+    lv_noise = np.sqrt(f2 * bv_var / expect_rv**2 + probe_noise * bv_var / var_c**2)
+    return np.stack(
+        [
+            gap,
+            np.abs(lvr),
+            lvr,
+            _folded_mean_np(bias, noise),
+            noise * math.sqrt(2 / math.pi),
+            np.abs(bias),
+            _folded_mean_np(lv_center, lv_noise),
+        ]
+    )
+
+
 def gap_metrics(
     model: nn.Module, stats: dict[str, LayerStats], probe_noise: float = 0.0
 ) -> dict[str, dict[str, float]]:
@@ -375,7 +387,7 @@ def gap_metrics(
     sampling error then adds to the predicted gap. All layers are gathered into one tensor and
     read back once (no per-metric device syncs).
     """
-    layers = bn_layers(_unwrap(model))
+    layers = bn_layers(unwrap(model))
     names = list(stats)
     if not names:
         return {}
@@ -386,40 +398,16 @@ def gap_metrics(
         run = torch.stack([layer.running_mean.detach(), layer.running_var.detach()]).to(d.mean)
         return torch.cat([torch.stack([d.mean, d.var, bm.mean, bm.var, bv.mean, bv.var]), run])
 
-    cols = torch.cat([columns(n) for n in names], dim=1) if len(names) > 1 else columns(names[0])
     # One read-back; the rest is small per-channel arithmetic, cheapest in numpy.
-    mean, var, bm_mean, bm_var, bv_mean, bv_var, rm, rv = cols.cpu().numpy()
+    cols = torch.cat([columns(n) for n in names], dim=1) if len(names) > 1 else columns(names[0])
     ts = [int(layers[n].num_batches_tracked) for n in names]
     w0s = [init_weight(layers[n].momentum, t) for n, t in zip(names, ts, strict=True)]
     f2s = [noise_factor(layers[n].momentum, t) for n, t in zip(names, ts, strict=True)]
     w0, f2 = np.repeat(w0s, sizes), np.repeat(f2s, sizes)
 
-    # In units of what BN itself divides by, sqrt(var + eps): a channel that L1 or a dead ReLU
-    # left constant (var 0) then reads as a gap of ~0, not as 1e4 standard deviations.
     eps = np.repeat([float(layers[n].eps) for n in names], sizes)
     with np.errstate(all="ignore"):  # nan where the pass saw too few values
-        var_c = var + eps
-        std = np.sqrt(var_c)
-        gap = np.abs(rm - mean) / std
-        lvr = np.log((np.maximum(rv, 0.0) + eps) / var_c)
-        # Mean: E[running] = w0 * 0 + (1 - w0) * E[batch mean]; noise from sd(batch mean).
-        bias = (w0 * INIT_MEAN + (1 - w0) * bm_mean - mean) / std
-        noise = np.sqrt((f2 + probe_noise) * bm_var) / std
-        # Variance: E[running] = w0 * 1 + (1 - w0) * E[batch var]; the log by the delta method.
-        expect_rv = np.maximum(w0 * INIT_VAR + (1 - w0) * bv_mean, 0.0) + eps
-        lv_center = np.log(expect_rv / var_c)
-        lv_noise = np.sqrt(f2 * bv_var / expect_rv**2 + probe_noise * bv_var / var_c**2)
-        per_channel = np.stack(
-            [
-                gap,
-                np.abs(lvr),
-                lvr,
-                _folded_mean_np(bias, noise),
-                noise * math.sqrt(2 / math.pi),
-                np.abs(bias),
-                _folded_mean_np(lv_center, lv_noise),
-            ]
-        )
+        per_channel = _per_channel(cols.cpu().numpy(), eps, w0, f2, probe_noise)
         bounds = np.cumsum([0, *sizes])
         values = [
             [*per_channel[:, a:b].mean(1).tolist(), *per_channel[:2, a:b].max(1).tolist()]
@@ -493,7 +481,7 @@ def recalibrate(
     Each layer's statistics depend on the (eval-mode) layers above it, so layer k is measured
     only after layers 1..k-1 were replaced: one pass per layer, each stopped at its layer.
     """
-    inner = _unwrap(model)
+    inner = unwrap(model)
     layers = bn_layers(inner)
     order: list[str] = []
     exact_stats(inner, x, index, batch_size, chunk_size, precision, order=order)
@@ -511,13 +499,13 @@ def recalibrate(
 # ----------------------------------------------------------------------------- the monitor
 
 
-class Monitor:
-    """The training loop's hook: measures the gaps every ``every_n_steps`` optimizer steps.
+class Monitor(Callback):
+    """The training loop's callback: measures the gaps at the cadence's BN points.
 
-    Call it with the optimizer step (``LoopConfig.hooks``); it returns ``bn/...`` metrics at
-    its cadence and at ``total_steps``, else None. The probe is drawn once with its own
-    ``torch.Generator``, so training's random streams are untouched; the pass runs in eval
-    mode under ``inference_mode`` and restores the mode it found.
+    ``on_step`` returns ``bn/...`` metrics at those steps (the last step always), else None.
+    The probe is drawn once with its own ``torch.Generator``, so training's random streams
+    are untouched; the pass runs in eval mode under ``inference_mode`` and restores the mode
+    it found.
     """
 
     def __init__(
@@ -526,8 +514,7 @@ class Monitor:
         x: Tensor,
         *,
         batch_size: int,
-        total_steps: int,
-        every_n_steps: int | None = None,
+        cadence: Cadence,
         probe_samples: int | None = None,
         seed: int = 0,
         chunk_size: int = 4096,
@@ -537,17 +524,17 @@ class Monitor:
         train_samples: int | None = None,
     ) -> None:
         self.model, self.x, self.batch_size = model, x, batch_size
-        self.total_steps = total_steps
-        self.every = every_n_steps or max(1, total_steps // 20)
+        self.cadence = cadence  # its BN points: when to measure
+        self.active = bool(bn_layers(model)) and cadence.bn_every is not None
         self.chunk_size, self.precision = chunk_size, precision
         g = torch.Generator().manual_seed(seed)
         perm = torch.randperm(len(x), generator=g)  # shuffled: sub-batches are random batches
         n_final = len(x) if probe_samples is None else min(probe_samples, len(x))
         n_periodic = min(n_final, PERIODIC_PROBE) if probe_samples is None else n_final
-        if probe_samples is None and train_samples is not None:
+        if probe_samples is None and train_samples is not None and cadence.bn_every:
             # An eval forward costs about a third of a training step: a probe of a quarter of
             # the samples trained between two points keeps the pass near 10% of training.
-            points = max(1, total_steps // self.every)
+            points = max(1, cadence.total_steps // cadence.bn_every)
             budget = int(PROBE_SHARE * train_samples / points) // world_size * world_size
             n_periodic = min(n_periodic, max(MIN_PERIODIC_PROBE, budget))
         self.sizes = {"periodic": n_periodic, "final": n_final}
@@ -560,7 +547,6 @@ class Monitor:
         self.seconds = 0.0
         self.last: dict[str, dict[str, float]] = {}
         self.last_step: int | None = None
-        self.active = bool(bn_layers(_unwrap(model)))
 
     def probe_noise(self, probe: str) -> float:
         """Var(probe statistic) / Var(one batch's statistic): ``b / P * (N - P) / (N - 1)``.
@@ -583,10 +569,10 @@ class Monitor:
         self.seconds += time.perf_counter() - t0
         return per_layer
 
-    def __call__(self, step: int) -> dict[str, Any] | None:
-        if not self.active or (step % self.every != 0 and step != self.total_steps):
+    def on_step(self, step: int) -> dict[str, Any] | None:
+        if not self.active or not self.cadence.bn_point(step):
             return None
-        probe = "final" if step == self.total_steps else "periodic"
+        probe = "final" if step == self.cadence.total_steps else "periodic"
         self.last = self.measure(probe)
         self.last_step = step if probe == "final" else None
         return flatten(self.last)

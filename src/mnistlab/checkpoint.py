@@ -16,7 +16,7 @@ import io
 import os
 import random
 import signal
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -26,16 +26,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import ConfigError
-from .loop import Diverged
-from .sinks import atomic_write_bytes
+from .errors import ConfigError, Diverged, Interrupted
+from .files import atomic_write_bytes, flatten
+from .loop import Callback, Running
+from .models import unwrap
 from .steps import StepCounter
 
 LAST = Path("checkpoints") / "last.pt"
 VERSION = 1
 
-# Keys that may differ between a run and its resumption: they change neither the model nor
-# the data order. ``trainer.epochs`` may grow, to extend a finished or running training.
+# Keys (and sections) that may differ between a run and its resumption: they change neither
+# the model nor the data order. ``trainer.epochs`` may grow, to extend a finished or running
+# training; ``callbacks`` observe the loop without changing it.
 MAY_CHANGE = (
     "trainer.resume",
     "trainer.epochs",
@@ -45,18 +47,8 @@ MAY_CHANGE = (
     "dataset.root",
     "dataset.download",
     "logger.wandb.mode",
+    "callbacks",
 )
-
-# Test hook (documented in the README): SIGKILL the process right after its N-th checkpoint.
-KILL_AFTER_ENV = "MNISTLAB_TEST_KILL_AFTER_CHECKPOINT"
-
-
-class Interrupted(RuntimeError):
-    """SIGTERM or SIGINT arrived; a checkpoint was written at ``step``."""
-
-    def __init__(self, signum: int, step: int) -> None:
-        self.signum, self.step = signum, step
-        super().__init__(f"interrupted by {signal.Signals(signum).name} at optimizer step {step}")
 
 
 def rng_state() -> dict[str, Any]:
@@ -81,10 +73,6 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss_next))
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return getattr(model, "module", model)  # DDP wraps the real model
-
-
 def save(
     path: Path,
     model: nn.Module,
@@ -98,7 +86,7 @@ def save(
     """Write ``path`` atomically: serialize in memory, then temp file, fsync, rename."""
     state = {
         "version": VERSION,
-        "model": _unwrap(model).state_dict(),
+        "model": unwrap(model).state_dict(),
         "optimizer": optimizer.state_dict(),
         "counter": asdict(counter),
         "running": {
@@ -116,18 +104,6 @@ def save(
     atomic_write_bytes(path, buf.getvalue())
 
 
-def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``: config differences named by their keys."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
 def config_differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
     """``key (saved -> now)`` for every key that differs and may not change on resume."""
     a, b = flatten(saved), flatten(now)
@@ -135,8 +111,13 @@ def config_differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list
     return [
         f"{k} ({a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r})"
         for k in keys
-        if k not in MAY_CHANGE and a.get(k, "<absent>") != b.get(k, "<absent>")
+        if not may_change(k) and a.get(k, "<absent>") != b.get(k, "<absent>")
     ]
+
+
+def may_change(key: str) -> bool:
+    """Whether ``key`` (dotted) is one of :data:`MAY_CHANGE` or inside one of its sections."""
+    return any(key == k or key.startswith(k + ".") for k in MAY_CHANGE)
 
 
 def load_for_resume(path: Path, config: Mapping[str, Any]) -> dict[str, Any]:
@@ -172,7 +153,7 @@ def restore(
 ) -> tuple[StepCounter, dict[str, Any]]:
     """Load model and optimizer; return the counter and running sums. RNG is set last, by
     :func:`set_rng_state`, just before the loop starts (building the model draws from it)."""
-    _unwrap(model).load_state_dict(state["model"])
+    unwrap(model).load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     return StepCounter(**state["counter"]), dict(state["running"])
 
@@ -186,38 +167,43 @@ def truncate(path: Path, size: int) -> None:
             os.fsync(f.fileno())
 
 
-class Checkpointer:
-    """The loop's step-end hook: saves ``last.pt`` at every epoch end, every
+class Checkpointer(Callback):
+    """The loop's boundary callback: saves ``last.pt`` at every epoch end, every
     ``every_n_steps`` optimizer steps, and when SIGTERM/SIGINT arrived (then stops the run).
 
-    Only rank 0 writes; every rank stops at the same step boundary.
+    It writes ``<out_dir>/checkpoints/last.pt`` on rank 0 only (every rank stops at the same
+    step boundary). ``listeners`` hear of every save (:meth:`Callback.on_save`).
     """
 
     def __init__(
         self,
-        path: Path,
+        out_dir: Path,
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
         config: Mapping[str, Any],
         every_n_steps: int | None,
-        metrics_path: Path | None,
-        write: bool = True,
+        rank: int = 0,
+        listeners: Sequence[Callback] = (),
     ) -> None:
-        self.path, self.model, self.optimizer = Path(path), model, optimizer
-        self.config, self.every, self.metrics_path = config, every_n_steps, metrics_path
-        self.write = write
+        self.path, self.model, self.optimizer = Path(out_dir) / LAST, model, optimizer
+        self.config, self.every, self.listeners = config, every_n_steps, listeners
+        self.write = rank == 0
+        self.metrics_path = Path(out_dir) / "metrics.jsonl"  # its size marks the rows kept
         self.stop_signal: int | None = None
-        self.saved = 0
         self.last_saved_step: int | None = None
         self.extra: dict[str, Any] = {}  # e.g. the W&B run id, for the run to resume under
-        self.kill_after = int(os.environ.get(KILL_AFTER_ENV, "0") or 0)
 
-    def __call__(self, counter: StepCounter, running: Mapping[str, Any], epoch_end: bool) -> None:
+    def on_step_end(self, counter: StepCounter, running: Running) -> None:
         step = counter.optimizer_steps
-        due = epoch_end or self.stop_signal is not None
-        due = due or (self.every is not None and step % self.every == 0)
-        if due:
-            self.save(counter, running)
+        if self.stop_signal is not None or (self.every is not None and step % self.every == 0):
+            self.save(counter, running.as_dict())
+        self._stop_if_asked(step)
+
+    def on_epoch_end(self, counter: StepCounter, running: Running) -> None:
+        self.save(counter, running.as_dict())
+        self._stop_if_asked(counter.optimizer_steps)
+
+    def _stop_if_asked(self, step: int) -> None:
         if self.stop_signal is not None:
             raise Interrupted(self.stop_signal, step)
 
@@ -228,7 +214,7 @@ class Checkpointer:
         if not bool(torch.stack(checks).all()):  # one host sync, not one per tensor
             raise Diverged(counter.optimizer_steps, float("nan"))
         if self.write:
-            size = self.metrics_path.stat().st_size if self.metrics_path else 0
+            size = self.metrics_path.stat().st_size if self.metrics_path.exists() else 0
             save(
                 self.path,
                 self.model,
@@ -239,10 +225,9 @@ class Checkpointer:
                 size,
                 self.extra,
             )
-        self.saved += 1
         self.last_saved_step = counter.optimizer_steps
-        if self.kill_after and self.saved == self.kill_after:
-            os.kill(os.getpid(), signal.SIGKILL)
+        for listener in self.listeners:
+            listener.on_save(counter.optimizer_steps)
 
     @contextmanager
     def stop_on_signals(self) -> Iterator[None]:

@@ -25,7 +25,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from .sinks import atomic_write_bytes
+from .errors import UserError, report
+from .files import atomic_write_bytes
 
 log = logging.getLogger("mnistlab")
 
@@ -122,7 +123,7 @@ SHOWN = ("status", "test/acc", "bn/gap_mean", "counted_steps", "wall_s")
 X_AXES = ("optimizer_step", "samples_seen")
 
 
-class CompareError(ValueError):
+class CompareError(UserError):
     """A user mistake (no runs there, an unknown metric): one line, exit code 2."""
 
 
@@ -319,8 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.plot:
             print(f"wrote {plot(args.paths, args.plot, args.x, args.out)}")
     except CompareError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report(str(e))
     offline = offline_wandb_runs(find_runs(list(args.paths)))
     if offline:
         print(

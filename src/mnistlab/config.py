@@ -3,25 +3,16 @@
 The dataclasses are registered in Hydra's ConfigStore as the base of ``conf/config.yaml``, so
 a wrong type, an unknown key or an unknown group choice fails at compose time. What Hydra can't
 say (``batch_size >= 1``, a momentum in (0, 1]) is checked by :func:`validate`, which raises one
-:class:`ConfigError` naming the key, the value and what is allowed.
+:class:`~mnistlab.errors.ConfigError` naming the key, the value and what is allowed.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from hydra.core.config_store import ConfigStore
-from omegaconf import OmegaConf
-
-
-class ConfigError(ValueError):
-    """A user mistake: one line with the key, the value and what is allowed."""
-
-    def __init__(self, key: str, value: Any, allowed: str) -> None:
-        self.key, self.value, self.allowed = key, value, allowed
-        super().__init__(f"{key}={value!r} is not allowed: {allowed}")
+from .errors import ConfigError
+from .threads import resolve_threads
 
 
 @dataclass
@@ -116,10 +107,16 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     bn_stats: BNStatsConfig = field(default_factory=BNStatsConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    # Extra loop callbacks by name, each a ``_target_`` class (mnistlab.loop.Callback)
+    # that Hydra instantiates in every process of the run: ``+callbacks.x._target_=pkg.Cls``.
+    callbacks: dict[str, Any] = field(default_factory=dict)
 
 
 def register() -> None:
     """Make the schema the base of ``conf/config.yaml`` (its defaults list names ``schema``)."""
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
     ConfigStore.instance().store(name="schema", node=Config)
     OmegaConf.register_new_resolver("mnistlab.micro_batch", micro_batch, replace=True)
 
@@ -132,7 +129,6 @@ def micro_batch(effective: int, grad_accum: int) -> int:
     return effective // grad_accum
 
 
-MODELS = ("mlp", "cnn")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 ACCELERATORS = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16")
@@ -217,21 +213,6 @@ def _one_of(key: str, value: Any, allowed: tuple[str, ...]) -> None:
         raise ConfigError(key, value, "one of " + ", ".join(allowed))
 
 
-def resolve_threads(value: Any, local_processes: int = 1, parallel_jobs: int = 1) -> int:
-    """``auto`` = cores / (local processes x parallel jobs), at least 1: oversubscribing a
-    small CPU costs far more than leaving a core idle."""
-    if value == "auto" or value is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        return max(1, (cores or 1) // max(1, local_processes * parallel_jobs))
-    try:
-        threads = int(value)
-    except (TypeError, ValueError):
-        raise ConfigError("trainer.num_threads", value, "'auto' or an integer >= 1") from None
-    if threads < 1 or str(threads) != str(value).strip():
-        raise ConfigError("trainer.num_threads", value, "'auto' or an integer >= 1")
-    return threads
-
-
 def validate(cfg: Any) -> None:
     """Check every range Hydra's types can't; raise the first problem as a ConfigError."""
     t, m, r, o, d, b = (
@@ -257,15 +238,11 @@ def validate(cfg: Any) -> None:
     _one_of("trainer.precision", t.precision, PRECISIONS)
     _one_of("trainer.progress", t.progress, PROGRESS)
     resolve_threads(t.num_threads)
-    _one_of("model.name", m.name, MODELS)
+    from .models import check as check_model  # imports torch: only once a job runs
+
+    check_model(m)
     if m.bn_momentum is not None and not 0.0 < m.bn_momentum <= 1.0:
         raise ConfigError("model.bn_momentum", m.bn_momentum, "a number in (0, 1], or null")
-    for i, h in enumerate(m.hidden):
-        _at_least(f"model.hidden[{i}]", h, 1)
-    for i, c in enumerate(m.channels):
-        _at_least(f"model.channels[{i}]", c, 1)
-    if m.name == "cnn" and len(m.channels) != 2:
-        raise ConfigError("model.channels", list(m.channels), "exactly two conv widths for cnn")
     if r.l1 < 0:
         raise ConfigError("regularizer.l1", r.l1, "a number >= 0")
     if r.l2 < 0:

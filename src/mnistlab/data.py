@@ -16,13 +16,16 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from .errors import UserError
 
-class DataError(RuntimeError):
+
+class DataError(UserError):
     """A dataset could not be had: one line naming the folder and the fix."""
 
 
@@ -257,27 +260,38 @@ def _load_full(name: str, root: str, download: bool) -> Data:
     return Data(name, Split(x_tr, y_tr), Split(x_te, y_te), classes, mean, std)
 
 
+def _check_limit(limit: int | None, size: int, key: str, name: str) -> int:
+    """The samples a ``dataset.limit_*`` keeps of a split of ``size``."""
+    if limit is not None and limit > size:
+        raise DataError(f"{key}={limit} is larger than {name}'s {size} samples")
+    return size if limit is None else limit
+
+
 def _subset(split: Split, limit: int | None, key: str, name: str) -> Split:
-    if limit is None or limit == len(split):
+    if _check_limit(limit, len(split), key, name) == len(split):
         return split
-    if limit > len(split):
-        raise DataError(f"{key}={limit} is larger than {name}'s {len(split)} samples")
     g = torch.Generator().manual_seed(DATA_SEED)
     idx = torch.randperm(len(split), generator=g)[:limit].sort().values
     return Split(split.x[idx], split.y[idx])
 
 
-def load(
-    name: str,
-    root: str = "data",
-    download: bool = True,
-    limit_train: int | None = None,
-    limit_test: int | None = None,
-) -> Data:
-    """The named dataset as normalized in-memory tensors, with seeded subsets if asked."""
+def _known(name: str) -> None:
     if name not in DATASETS:
         raise DataError(f"dataset.name={name!r} is not allowed: one of {', '.join(DATASETS)}")
-    full = _load_full(name, str(root), bool(download))
-    train = _subset(full.train, limit_train, "dataset.limit_train", name)
-    test = _subset(full.test, limit_test, "dataset.limit_test", name)
+
+
+def train_size(cfg: Any) -> int:
+    """The training samples a ``dataset`` config node gives, without reading any data (for
+    ``python -m mnistlab.plan``): the same checks as :func:`load`."""
+    _known(cfg.name)
+    return _check_limit(cfg.limit_train, TRAIN_SIZES[cfg.name], "dataset.limit_train", cfg.name)
+
+
+def load(cfg: Any) -> Data:
+    """The ``dataset`` config node's data as normalized in-memory tensors, with seeded
+    subsets if asked."""
+    _known(cfg.name)
+    full = _load_full(cfg.name, str(cfg.root), bool(cfg.download))
+    train = _subset(full.train, cfg.limit_train, "dataset.limit_train", cfg.name)
+    test = _subset(full.test, cfg.limit_test, "dataset.limit_test", cfg.name)
     return Data(full.name, train, test, full.num_classes, full.mean, full.std)

@@ -12,13 +12,10 @@ Three ways a run starts (``train.run`` dispatches with :func:`plan_launch`):
   already a rank; it joins the group (``env://``) instead of spawning. One or many machines.
 
 A worker that raises or dies fails the whole job within seconds: spawn's ``join`` notices
-the exit, terminates the other ranks (SIGTERM, SIGKILL after 30 s) and we raise one
+the exit, terminates the other ranks (SIGTERM, then a hard kill after 30 s) and we raise one
 :class:`WorkerError` line naming the rank and the error. Under torchrun its elastic agent
 does the same. Collectives also carry a timeout (``MNISTLAB_DIST_TIMEOUT_S``, default 300 s)
 so a rank stuck waiting for a vanished peer cannot hang forever.
-
-Test hook: ``MNISTLAB_FAULT_RANK=r MNISTLAB_FAULT_STEP=s`` makes rank ``r`` raise after its
-optimizer step ``s`` (see :func:`fault_hook`); it exists only to test the fault path.
 """
 
 from __future__ import annotations
@@ -41,7 +38,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, resolve_threads
+from .errors import ConfigError, UserError
+from .files import atomic_write_bytes
+from .threads import resolve_threads
 
 log = logging.getLogger("mnistlab")
 
@@ -49,7 +48,6 @@ TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 BN_STATS_FROM_RANK0 = "rank 0's micro-batches only (DDP broadcasts rank 0's buffers)"
 BN_STATS_FROM_SYNC = "all ranks' micro-batches (SyncBatchNorm)"
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # Hydra's default
-_CURRENT: Launch | None = None
 
 
 class WorkerError(RuntimeError):
@@ -169,7 +167,6 @@ def init_group(launch: Launch, init_method: str = "env://") -> None:
     import torch
     import torch.distributed as dist
 
-    global _CURRENT
     if launch.device_type == "cuda":
         torch.cuda.set_device(launch.local_rank)
     dist.init_process_group(
@@ -179,12 +176,6 @@ def init_group(launch: Launch, init_method: str = "env://") -> None:
         world_size=launch.world_size,
         timeout=datetime.timedelta(seconds=timeout_s()),
     )
-    _CURRENT = launch
-
-
-def current() -> Launch | None:
-    """The launch this process joined (None outside a process group)."""
-    return _CURRENT
 
 
 def teardown(clean: bool = True) -> None:
@@ -192,8 +183,6 @@ def teardown(clean: bool = True) -> None:
     tears down its sockets while a peer still reads; after a failure, just go."""
     import torch.distributed as dist
 
-    global _CURRENT
-    _CURRENT = None
     if not dist.is_initialized():
         return
     try:
@@ -261,7 +250,7 @@ def wrap(model: Any, launch_device: Any, world: int, sync_bn: bool = False) -> A
     statistics) before every forward, so the saved running statistics are an EMA over rank
     0's micro-batches only, unless ``sync_bn`` converts BatchNorm to SyncBatchNorm (CUDA).
     That broadcast makes every forward of the wrapped model a collective: code that runs the
-    model on some ranks only (probes, checkpoints) must use :func:`unwrap`.
+    model on some ranks only (probes, checkpoints) must use :func:`mnistlab.models.unwrap`.
     """
     from torch import nn
     from torch.nn.parallel import DistributedDataParallel
@@ -272,11 +261,6 @@ def wrap(model: Any, launch_device: Any, world: int, sync_bn: bool = False) -> A
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     ids = [launch_device.index] if launch_device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=ids)
-
-
-def unwrap(model: Any) -> Any:
-    """The plain module inside DDP (for state dicts, hooks and parameter names)."""
-    return getattr(model, "module", model)
 
 
 def fingerprint(model: Any) -> dict[str, str]:
@@ -292,6 +276,8 @@ def fingerprint(model: Any) -> dict[str, str]:
             h.update(t.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
         return h.hexdigest()[:16]
 
+    from .models import unwrap
+
     m = unwrap(model)
     return {"params": digest(m.named_parameters()), "buffers": digest(m.named_buffers())}
 
@@ -303,12 +289,13 @@ def rank_report(model: Any, counted: dict[str, int], sync_bn: bool) -> dict[str,
 
     own = {"counted": counted, "threads": torch.get_num_threads(), **fingerprint(model)}
     ranks = all_gather_objects(own)
-    launch = current()
+    shape = torchrun_env()  # under torchrun: its numbers; self-spawned: one node
+    local = shape["local_world_size"] if shape else world_size()
     return {
         "world_size": world_size(),
-        "num_nodes": launch.num_nodes if launch else 1,
-        "devices_per_node": launch.local_world_size if launch else world_size(),
-        "launcher": launch.mode if launch else "unknown",
+        "num_nodes": max(1, world_size() // local),
+        "devices_per_node": local,
+        "launcher": "torchrun" if shape else "spawn",
         "backend": dist.get_backend(),
         "counted_per_rank": [r["counted"] for r in ranks],
         "threads_per_rank": [r["threads"] for r in ranks],
@@ -316,24 +303,6 @@ def rank_report(model: Any, counted: dict[str, int], sync_bn: bool) -> dict[str,
         "buffers_identical_across_ranks": len({r["buffers"] for r in ranks}) == 1,
         "bn_running_stats_from": BN_STATS_FROM_SYNC if sync_bn else BN_STATS_FROM_RANK0,
     }
-
-
-# --------------------------------------------------------------------------- test hook
-
-
-def fault_hook(rank_: int, env: Mapping[str, str] | None = None) -> Callable[[int], None] | None:
-    """Test hook: ``MNISTLAB_FAULT_RANK``/``MNISTLAB_FAULT_STEP`` make one rank raise after an
-    optimizer step, to test that a failing worker fails the job (not for users)."""
-    env = os.environ if env is None else env
-    if "MNISTLAB_FAULT_RANK" not in env or int(env["MNISTLAB_FAULT_RANK"]) != rank_:
-        return None
-    at = int(env.get("MNISTLAB_FAULT_STEP", "1"))
-
-    def hook(step: int) -> None:
-        if step == at:
-            raise RuntimeError(f"injected fault at optimizer step {step} (MNISTLAB_FAULT_RANK)")
-
-    return hook
 
 
 # ------------------------------------------------------------------------ self-spawn
@@ -392,23 +361,17 @@ def _worker(
         init_group(me, init_method)
         result = _resolve(target)(me, *args)
         clean = True
-        _write(Path(results) / f"result-{local_rank}.pkl", pickle.dumps(result))
+        atomic_write_bytes(Path(results) / f"result-{local_rank}.pkl", pickle.dumps(result))
     except BaseException as e:
-        user = type(e).__name__ in ("ConfigError", "DataError")
+        user = isinstance(e, UserError)
         info = {"rank": local_rank, "time": time.time(), "kind": type(e).__name__}
         info.update(error=f"{type(e).__name__}: {e}" if not user else str(e), user_error=user)
-        _write(Path(results) / f"error-{local_rank}.json", json.dumps(info).encode())
+        atomic_write_bytes(Path(results) / f"error-{local_rank}.json", json.dumps(info).encode())
         if not user:
             traceback.print_exc()
         raise
     finally:
         teardown(clean)
-
-
-def _write(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def spawn(target: str, launch: Launch, *args: Any, num_threads: Any = "auto") -> list[Any]:
@@ -490,7 +453,7 @@ def join(target: Callable[..., Any], launch: Launch, *args: Any, num_threads: An
         clean = True
         return result
     except Exception as e:
-        if type(e).__name__ in ("ConfigError", "DataError"):
+        if isinstance(e, UserError):
             raise  # a user's mistake: its own one line
         _record_for_agent(e)
         traceback.print_exc()

@@ -6,56 +6,96 @@ micro-batches (the epoch's last window may be shorter and still steps). The wind
 the sum over its samples divided by the number of samples it really holds, so every update
 is the gradient of a true average. Losses and counts accumulate on the device and are read
 only when a row is logged, so the GPU path has no per-step host sync.
+
+The loop knows nothing of processes, signals or files: what happens around a step
+(measurements, checkpoints) is a :class:`Callback`, and rows go to a ``sinks`` object.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import os
-import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .data import Split
+from .errors import Diverged
+from .models import autocast
 from .regularizers import Regularizer
-from .sinks import Sinks
-from .steps import StepCounter, StepPlan
-
-# A hook runs after every optimizer step; it returns extra metrics to log, or None.
-StepHook = Callable[[int], "dict[str, Any] | None"]
-# A boundary hook runs after a step's row is logged and after each epoch's end (True), with
-# the counter and the running train sums: where checkpoints are taken.
-BoundaryHook = Callable[[StepCounter, "dict[str, Any]", bool], None]
+from .steps import Cadence, StepCounter, StepPlan
 
 
-class Diverged(RuntimeError):
-    """The loss became NaN or infinite."""
+class Callback:
+    """Something that happens around the loop's steps; each method is optional (the base
+    does nothing). The BN monitor measures in ``on_step``; the checkpointer saves in
+    ``on_step_end`` and ``on_epoch_end``. More come from the ``callbacks`` config node."""
 
-    def __init__(self, step: int, loss: float) -> None:
-        self.step, self.loss = step, loss
-        super().__init__(f"loss became {loss} at optimizer step {step}")
+    def on_micro_batch(self, counter: StepCounter) -> None:
+        """After a micro-batch's backward, mid-window: nothing can be saved here."""
+
+    def on_step(self, step: int) -> dict[str, Any] | None:
+        """After optimizer step ``step``: metrics to add to its row, or None."""
+        return None
+
+    def on_step_end(self, counter: StepCounter, running: Running) -> None:
+        """After the step's row was logged: a boundary where the run can be saved."""
+
+    def on_epoch_end(self, counter: StepCounter, running: Running) -> None:
+        """After the epoch's evaluation row: the last boundary of the epoch."""
+
+    def on_save(self, step: int) -> None:
+        """After the checkpointer wrote a checkpoint at ``step``."""
+
+
+class RowSink(Protocol):
+    def log(self, row: dict[str, Any], kind: str = "step") -> None: ...
+
+
+@dataclass
+class Running:
+    """Train loss, correct predictions and samples since the last row (on the device)."""
+
+    loss: Tensor
+    correct: Tensor
+    count: int = 0
+
+    @classmethod
+    def zeros(cls, device: torch.device, saved: dict[str, Any] | None = None) -> Running:
+        run = cls(
+            torch.zeros((), dtype=torch.float64, device=device),
+            torch.zeros((), dtype=torch.int64, device=device),
+        )
+        if saved:  # resuming: the sums since the last row before the checkpoint
+            run.loss.fill_(saved["loss"]), run.correct.fill_(saved["correct"])
+            run.count = int(saved["count"])
+        return run
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"loss": self.loss, "correct": self.correct, "count": self.count}
 
 
 @dataclass
 class LoopConfig:
     seed: int
+    cadence: Cadence
     rank: int = 0
-    log_every_n_steps: int = 10
     eval_every_n_epochs: int = 1
     eval_batch_size: int = 1024
     precision: str = "fp32"
-    hooks: list[StepHook] = field(default_factory=list)
-    timings: dict[str, float] = field(default_factory=dict)  # kept out of rows: not deterministic
-    boundary_hooks: list[BoundaryHook] = field(default_factory=list)
-    # Test hook: SIGKILL the process after this micro-batch (a kill mid-window, for resume tests).
-    kill_at_micro_batch: int | None = None
+
+
+@dataclass
+class Fit:
+    """What the loop did: the counter (the one passed in, ticked in place) and timings."""
+
+    counter: StepCounter
+    timings: dict[str, float] = field(default_factory=lambda: {"eval_s": 0.0})
 
 
 def epoch_order(plan: StepPlan, seed: int, epoch: int, rank: int) -> Tensor:
@@ -85,12 +125,6 @@ def windows(batches: list[Tensor], grad_accum: int) -> Iterator[list[Tensor]]:
         yield batches[start : start + grad_accum]
 
 
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 @torch.inference_mode()
 def evaluate(
     model: nn.Module, split: Split, batch_size: int, precision: str = "fp32"
@@ -112,99 +146,116 @@ def evaluate(
     return {"loss": float(loss) / n, "acc": float(correct) / n}
 
 
-def fit(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    regularizer: Regularizer,
-    plan: StepPlan,
-    train: Split,
-    test: Split,
-    sinks: Sinks,
-    cfg: LoopConfig,
-    counter: StepCounter | None = None,
-    running: dict[str, Any] | None = None,
-) -> StepCounter:
-    """Train for ``plan.epochs`` epochs; return what was really counted.
+def _hooks(callbacks: Sequence[Callback], name: str) -> list[Any]:
+    """The bound ``name`` methods of the callbacks that define it (the rest cost nothing)."""
+    return [
+        getattr(c, name) for c in callbacks if getattr(type(c), name) is not getattr(Callback, name)
+    ]
 
-    To resume, pass the checkpoint's ``counter`` (taken at a window end) and ``running`` sums:
-    the windows already done in the current epoch are skipped."""
-    counter = counter or StepCounter()
-    device = train.x.device
-    no_sync = getattr(model, "no_sync", contextlib.nullcontext)  # DDP skips all-reduce with it
-    check_every = 1 if device.type == "cpu" else cfg.log_every_n_steps  # finite-loss check
-    run_loss = torch.zeros((), dtype=torch.float64, device=device)
-    run_correct = torch.zeros((), dtype=torch.int64, device=device)
-    run_count = 0
-    eval_args = (cfg.eval_batch_size, cfg.precision)
-    train_slice = Split(train.x[: len(test)], train.y[: len(test)])
-    if running:  # resuming: train sums since the last logged row
-        run_loss.fill_(running["loss"]), run_correct.fill_(running["correct"])
-        run_count = int(running["count"])
-    model.train()
 
-    for epoch in range(counter.epochs, plan.epochs):
-        order = epoch_order(plan, cfg.seed, epoch, cfg.rank).to(device)  # no per-batch copies
-        done = counter.micro_batches - epoch * plan.micro_batches_per_epoch  # > 0 on resume
-        for window in windows(micro_batches(order, plan)[done:], plan.grad_accum):
-            window_samples = sum(len(idx) for idx in window)
-            for i, idx in enumerate(window):
-                last = i == len(window) - 1
-                x, y = train.x.index_select(0, idx), train.y.index_select(0, idx)  # gather
-                with no_sync() if not last else contextlib.nullcontext():
-                    with autocast(device, cfg.precision):
-                        out = model(x)
-                    loss_sum = F.cross_entropy(out.float(), y, reduction="sum")
-                    loss = loss_sum / window_samples
-                    if last and regularizer.adds_to_loss:
-                        loss = loss + regularizer.penalty()
-                    loss.backward()
-                counter.micro_batches += 1
-                counter.samples_seen += len(idx) * plan.world_size
-                run_loss.add_(loss_sum.detach())  # in place, widened to float64: one op
-                run_correct.add_((out.detach().argmax(1) == y).sum())
-                run_count += len(idx)
-                if counter.micro_batches == cfg.kill_at_micro_batch:
-                    os.kill(os.getpid(), signal.SIGKILL)
+@dataclass
+class Loop:
+    """One run's training: the model, what updates it, the data, and where rows go."""
 
-            optimizer.step()
-            regularizer.after_step(optimizer.param_groups[0]["lr"])
-            optimizer.zero_grad(set_to_none=True)
-            counter.optimizer_steps += 1
-            step = counter.optimizer_steps
+    model: nn.Module  # what is trained through: DDP and/or torch.compile wrappers welcome
+    optimizer: torch.optim.Optimizer
+    regularizer: Regularizer
+    plan: StepPlan
+    train: Split
+    test: Split
+    sinks: RowSink
+    cfg: LoopConfig
+    callbacks: Sequence[Callback] = ()
 
-            if step % check_every == 0 and not math.isfinite(run_loss.item()):
-                raise Diverged(step, float(run_loss))
-            row: dict[str, Any] = {}
-            for hook in cfg.hooks:
-                row.update(hook(step) or {})
-            if step % cfg.log_every_n_steps == 0 or step == plan.total_steps:
-                row["train/loss"] = float(run_loss) / max(1, run_count)
-                row["train/acc"] = float(run_correct) / max(1, run_count)
-                row["lr"] = optimizer.param_groups[0]["lr"]
-                if not torch.isfinite(run_loss):
-                    raise Diverged(step, float(run_loss))
-                run_loss.zero_(), run_correct.zero_()
-                run_count = 0
-            if row:
-                sinks.log(position(counter, plan) | row)
-            sums = {"loss": run_loss, "correct": run_correct, "count": run_count}
-            for boundary in cfg.boundary_hooks:
-                boundary(counter, sums, False)
+    def fit(self, counter: StepCounter | None = None, running: dict[str, Any] | None = None) -> Fit:
+        """Train for ``plan.epochs`` epochs; return what was really counted, and timings.
 
-        counter.epochs += 1
-        if counter.epochs % cfg.eval_every_n_epochs == 0 or counter.epochs == plan.epochs:
-            t0 = time.perf_counter()
-            row = {f"test/{k}": v for k, v in evaluate(model, test, *eval_args).items()}
-            # Train accuracy in eval mode on a test-sized slice: the train-test gap, cheaply.
-            row |= {
-                f"train_eval/{k}": v for k, v in evaluate(model, train_slice, *eval_args).items()
-            }
-            row["train_test_gap"] = row["train_eval/acc"] - row["test/acc"]
-            cfg.timings["eval_s"] = cfg.timings.get("eval_s", 0.0) + time.perf_counter() - t0
-            sinks.log(position(counter, plan) | row)
-        for boundary in cfg.boundary_hooks:
-            boundary(counter, {"loss": run_loss, "correct": run_correct, "count": run_count}, True)
-    return counter
+        To resume, pass the checkpoint's ``counter`` (taken at a window end) and ``running``
+        sums: the windows already done in the current epoch are skipped."""
+        result = Fit(counter or StepCounter())
+        counter, plan, model, train = result.counter, self.plan, self.model, self.train
+        device = train.x.device
+        no_sync = getattr(model, "no_sync", contextlib.nullcontext)  # DDP: no all-reduce
+        run = Running.zeros(device, running)
+        on_micro_batch = _hooks(self.callbacks, "on_micro_batch")
+        model.train()
+
+        for epoch in range(counter.epochs, plan.epochs):
+            order = epoch_order(plan, self.cfg.seed, epoch, self.cfg.rank).to(device)
+            done = counter.micro_batches - epoch * plan.micro_batches_per_epoch  # resuming
+            for window in windows(micro_batches(order, plan)[done:], plan.grad_accum):
+                window_samples = sum(len(idx) for idx in window)
+                for i, idx in enumerate(window):
+                    last = i == len(window) - 1
+                    x, y = train.x.index_select(0, idx), train.y.index_select(0, idx)  # gather
+                    with no_sync() if not last else contextlib.nullcontext():
+                        with autocast(device, self.cfg.precision):
+                            out = model(x)
+                        loss_sum = F.cross_entropy(out.float(), y, reduction="sum")
+                        loss = loss_sum / window_samples
+                        if last and self.regularizer.adds_to_loss:
+                            loss = loss + self.regularizer.penalty()
+                        loss.backward()
+                    counter.micro_batches += 1
+                    counter.samples_seen += len(idx) * plan.world_size
+                    run.loss.add_(loss_sum.detach())  # in place, widened to float64: one op
+                    run.correct.add_((out.detach().argmax(1) == y).sum())
+                    run.count += len(idx)
+                    for hook in on_micro_batch:
+                        hook(counter)
+
+                self.optimizer.step()
+                self.regularizer.after_step(self.optimizer.param_groups[0]["lr"])
+                self.optimizer.zero_grad(set_to_none=True)
+                counter.optimizer_steps += 1
+                self._after_step(counter, run, result)
+
+            counter.epochs += 1
+            self._end_epoch(counter, result)
+            for c in self.callbacks:
+                c.on_epoch_end(counter, run)
+        return result
+
+    def _after_step(self, counter: StepCounter, run: Running, result: Fit) -> None:
+        """The finite-loss check, this step's row (on the cadence), the boundary callbacks."""
+        step, cadence = counter.optimizer_steps, self.cfg.cadence
+        if step == 1:
+            result.timings.update(first_step_at=time.perf_counter(), first_step_unix=time.time())
+        # On CPU a read costs nothing: check every step; on a GPU it is a host sync: at rows.
+        check_every = 1 if run.loss.device.type == "cpu" else cadence.row_every
+        if step % check_every == 0 and not math.isfinite(run.loss.item()):
+            raise Diverged(step, float(run.loss))
+        on_row = cadence.row(step)
+        row: dict[str, Any] = self.regularizer.metrics() if on_row else {}  # norms, sparsity
+        for c in self.callbacks:
+            row.update(c.on_step(step) or {})
+        if on_row:
+            row["train/loss"] = float(run.loss) / max(1, run.count)
+            row["train/acc"] = float(run.correct) / max(1, run.count)
+            row["lr"] = self.optimizer.param_groups[0]["lr"]
+            if not torch.isfinite(run.loss):
+                raise Diverged(step, float(run.loss))
+            run.loss.zero_(), run.correct.zero_()
+            run.count = 0
+        if row:
+            self.sinks.log(position(counter, self.plan) | row)
+        for c in self.callbacks:
+            c.on_step_end(counter, run)
+
+    def _end_epoch(self, counter: StepCounter, result: Fit) -> None:
+        """Evaluate on the epoch cadence and always after the last epoch."""
+        every, test, train = self.cfg.eval_every_n_epochs, self.test, self.train
+        if counter.epochs % every and counter.epochs != self.plan.epochs:
+            return
+        t0 = time.perf_counter()
+        args = (self.cfg.eval_batch_size, self.cfg.precision)
+        row = {f"test/{k}": v for k, v in evaluate(self.model, test, *args).items()}
+        # Train accuracy in eval mode on a test-sized slice: the train-test gap, cheaply.
+        part = Split(train.x[: len(test)], train.y[: len(test)])
+        row |= {f"train_eval/{k}": v for k, v in evaluate(self.model, part, *args).items()}
+        row["train_test_gap"] = row["train_eval/acc"] - row["test/acc"]
+        result.timings["eval_s"] += time.perf_counter() - t0
+        self.sinks.log(position(counter, self.plan) | row, kind="eval")
 
 
 def position(counter: StepCounter, plan: StepPlan) -> dict[str, Any]:

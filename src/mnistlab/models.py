@@ -1,4 +1,7 @@
-"""The two model families: an MLP and a small CNN, each with optional BatchNorm and dropout.
+"""The model families, and the few facts about a model that other modules need.
+
+Each family is one builder in :data:`MODELS` (plus one ``conf/model/<name>.yaml``): a
+function of the ``model`` config node, the image shape, the class count and the dropout rate.
 
 BatchNorm's ``momentum`` goes to PyTorch untouched: it is the weight of the *new* batch
 (``running = (1 - m) * running + m * batch``); ``None`` makes it a cumulative average.
@@ -6,9 +9,18 @@ BatchNorm's ``momentum`` goes to PyTorch untouched: it is the weight of the *new
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
+import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .errors import ConfigError
+
+Shape = tuple[int, int, int]  # (channels, height, width)
 
 
 def _hidden_block(
@@ -25,73 +37,97 @@ def _hidden_block(
     return block
 
 
-def mlp(
-    in_shape: tuple[int, int, int],
-    num_classes: int,
-    hidden: Sequence[int],
-    bn: bool,
-    bn_momentum: float | None,
-    dropout: float,
-) -> nn.Sequential:
-    c, h, w = in_shape
-    layers: list[nn.Module] = [nn.Flatten()]
-    width = c * h * w
+def _dense(width: int, hidden: Any, cfg: Any, dropout: float) -> tuple[list[nn.Module], int]:
+    """[Linear -> BN -> ReLU -> Dropout] per hidden width; returns the layers and the width."""
+    layers: list[nn.Module] = []
     for out in hidden:
-        layers += _hidden_block(
-            nn.Linear(width, out, bias=not bn), out, bn, bn_momentum, dropout, 1
-        )
+        linear = nn.Linear(width, out, bias=not cfg.bn)
+        layers += _hidden_block(linear, out, cfg.bn, cfg.bn_momentum, dropout, 1)
         width = out
-    layers.append(nn.Linear(width, num_classes))
-    return nn.Sequential(*layers)
+    return layers, width
 
 
-def cnn(
-    in_shape: tuple[int, int, int],
-    num_classes: int,
-    channels: Sequence[int],
-    hidden: Sequence[int],
-    bn: bool,
-    bn_momentum: float | None,
-    dropout: float,
-) -> nn.Sequential:
+def mlp(cfg: Any, in_shape: Shape, num_classes: int, dropout: float) -> nn.Sequential:
+    """Flatten -> [Linear -> BN -> ReLU -> Dropout] x len(hidden) -> Linear."""
+    c, h, w = in_shape
+    layers, width = _dense(c * h * w, cfg.hidden, cfg, dropout)
+    return nn.Sequential(nn.Flatten(), *layers, nn.Linear(width, num_classes))
+
+
+def cnn(cfg: Any, in_shape: Shape, num_classes: int, dropout: float) -> nn.Sequential:
     """Two 3x3 conv blocks with 2x2 pooling, then an MLP head: works for 8x8 and 28x28."""
     c, h, w = in_shape
     layers: list[nn.Module] = []
-    for out in channels:
-        conv = nn.Conv2d(c, out, 3, padding=1, bias=not bn)
-        layers += _hidden_block(conv, out, bn, bn_momentum, 0.0, 2)
+    for out in cfg.channels:
+        conv = nn.Conv2d(c, out, 3, padding=1, bias=not cfg.bn)
+        layers += _hidden_block(conv, out, cfg.bn, cfg.bn_momentum, 0.0, 2)
         layers.append(nn.MaxPool2d(2))
         c, h, w = out, h // 2, w // 2
-    layers.append(nn.Flatten())
-    width = c * h * w
-    for out in hidden[:1]:
-        layers += _hidden_block(
-            nn.Linear(width, out, bias=not bn), out, bn, bn_momentum, dropout, 1
-        )
-        width = out
-    layers.append(nn.Linear(width, num_classes))
-    return nn.Sequential(*layers)
+    head, width = _dense(c * h * w, list(cfg.hidden)[:1], cfg, dropout)
+    return nn.Sequential(*layers, nn.Flatten(), *head, nn.Linear(width, num_classes))
 
 
-def build(
-    name: str,
-    in_shape: tuple[int, int, int],
-    num_classes: int,
-    hidden: Sequence[int],
-    channels: Sequence[int],
-    bn: bool,
-    bn_momentum: float | None,
-    dropout: float,
-) -> nn.Sequential:
-    if name == "mlp":
-        return mlp(in_shape, num_classes, hidden, bn, bn_momentum, dropout)
-    if name == "cnn":
-        return cnn(in_shape, num_classes, channels, hidden, bn, bn_momentum, dropout)
-    raise ValueError(f"model.name={name!r} is not allowed: one of mlp, cnn")
+def _two_conv_widths(cfg: Any) -> None:
+    if len(cfg.channels) != 2:
+        raise ConfigError("model.channels", list(cfg.channels), "exactly two conv widths for cnn")
 
 
-def bn_layers(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
-    """Every BatchNorm layer by its qualified name, upstream first."""
+@dataclass(frozen=True)
+class Family:
+    build: Callable[[Any, Shape, int, float], nn.Module]
+    check: Callable[[Any], None] | None = None  # shape rules the schema can't express
+
+
+# One line per model family; its yaml in conf/model/ names the same key.
+MODELS: dict[str, Family] = {
+    "mlp": Family(mlp),
+    "cnn": Family(cnn, _two_conv_widths),
+}
+
+
+def check(cfg: Any) -> None:
+    """Refuse an unknown family or a shape it can't build, before any work."""
+    if cfg.name not in MODELS:
+        raise ConfigError("model.name", cfg.name, "one of " + ", ".join(MODELS))
+    for key in ("hidden", "channels"):
+        for i, width in enumerate(getattr(cfg, key, None) or []):
+            if width < 1:
+                raise ConfigError(f"model.{key}[{i}]", width, "an integer >= 1")
+    if MODELS[cfg.name].check is not None:
+        MODELS[cfg.name].check(cfg)  # type: ignore[misc]
+
+
+def build(cfg: Any, in_shape: Shape, num_classes: int, dropout: float) -> nn.Module:
+    """The ``model`` config node's network for images of ``in_shape``."""
+    check(cfg)
+    return MODELS[cfg.name].build(cfg, in_shape, num_classes, dropout)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside DDP (``module``) and ``torch.compile`` (``_orig_mod``): its
+    parameter names, state dict and hooks are the model's own."""
+    for attr in ("module", "_orig_mod", "module"):
+        model = getattr(model, attr, model)
+    return model
+
+
+def bn_layers(model: nn.Module) -> dict[str, _BatchNorm]:
+    """Every BatchNorm layer that keeps running statistics, by qualified name, upstream first."""
     return {
-        n: m for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        n: m
+        for n, m in unwrap(model).named_modules()
+        if isinstance(m, _BatchNorm) and m.track_running_stats and m.running_mean is not None
     }
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """``trainer.precision``: bf16 autocast, or nothing for fp32."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def memory_format(model: nn.Module, device: torch.device) -> torch.memory_format:
+    """NHWC (channels_last) for convolutions on CUDA, cuDNN's fast layout; else the default."""
+    convs = any(isinstance(m, nn.Conv2d) for m in model.modules())
+    return torch.channels_last if convs and device.type == "cuda" else torch.contiguous_format

@@ -1,8 +1,8 @@
 """``python -m mnistlab.plan <overrides>``: the step accounting of a run, without training.
 
 Takes the same overrides as ``mnistlab.train`` (composed by Hydra against the same config),
-and needs no data on disk and no devices: ``trainer.devices=8 trainer.num_nodes=2`` works
-on a laptop.
+checks them as the training app does, and needs no data on disk and no devices:
+``trainer.devices=8 trainer.num_nodes=2`` works on a laptop.
 """
 
 from __future__ import annotations
@@ -12,30 +12,23 @@ import sys
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
-from hydra.errors import HydraException
-from omegaconf.errors import OmegaConfBaseException
 
-from .config import ConfigError, hydra_error_line, register, validate
-from .data import TRAIN_SIZES
+from .config import register, validate
+from .data import train_size
+from .errors import report, user_message
 from .steps import StepPlan
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
 def plan_from_overrides(overrides: list[str]) -> tuple[StepPlan, int]:
-    """Compose the config as the training app would and derive its plan."""
+    """Compose the config as the training app would and derive its plan (and node count)."""
     register()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
     validate(cfg)
-    t, d = cfg.trainer, cfg.dataset
-    n = d.limit_train if d.limit_train is not None else TRAIN_SIZES[d.name]
-    if d.limit_train is not None and d.limit_train > TRAIN_SIZES[d.name]:
-        raise ConfigError(
-            "dataset.limit_train", d.limit_train, f"at most {TRAIN_SIZES[d.name]} for {d.name}"
-        )
-    world = t.devices * t.num_nodes
-    return StepPlan(n, t.epochs, t.batch_size, world, t.grad_accum, t.drop_last), t.num_nodes
+    t = cfg.trainer
+    return StepPlan.from_config(t, train_size(cfg.dataset), t.devices * t.num_nodes), t.num_nodes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,13 +40,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         plan, nodes = plan_from_overrides(args)
-    except (ConfigError, HydraException, OmegaConfBaseException) as e:
-        print(f"error: {hydra_error_line(e)}", file=sys.stderr)
-        return 2
-    if as_json:
-        print(json.dumps(plan.as_dict(), indent=2))
-    else:
-        print(plan.banner(nodes))
+    except Exception as e:
+        message = user_message(e)
+        if message is None:
+            raise
+        return report(message)
+    print(json.dumps(plan.as_dict(), indent=2) if as_json else plan.banner(nodes))
     return 0
 
 

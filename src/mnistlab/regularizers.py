@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -98,7 +99,7 @@ class Regularizer:
         }
 
 
-def build(
-    model: nn.Module, l1: float, l2: float, l1_mode: str, l2_mode: str, exclude_bn_and_bias: bool
-) -> Regularizer:
-    return Regularizer(regularized_parameters(model, exclude_bn_and_bias), l1, l2, l1_mode, l2_mode)
+def build(model: nn.Module, cfg: Any) -> Regularizer:
+    """The ``regularizer`` config node's penalties on ``model``'s chosen parameters."""
+    params = regularized_parameters(model, cfg.exclude_bn_and_bias)
+    return Regularizer(params, cfg.l1, cfg.l2, cfg.l1_mode, cfg.l2_mode)

@@ -8,75 +8,29 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import secrets
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Protocol
 
+from .files import flatten, jsonable
+from .steps import Cadence, StepPlan
+
 log = logging.getLogger("mnistlab")
 
-
-# A training row has a fixed cost (weight norms, a JSON line, a device read: a host sync on a
-# GPU), about 0.25 ms on a 2-core CPU: rows come about 50 a run but at least this many steps
-# apart, so a short run (one MNIST epoch at batch 512 is 118 steps) does not pay it every
-# second step.
-MIN_ROW_STEPS = 10
-
-
-def row_every(log_every_n_steps: int | None, total_steps: int) -> int:
-    """The training-row cadence in optimizer steps: ``trainer.log_every_n_steps`` if set."""
-    return log_every_n_steps or max(MIN_ROW_STEPS, total_steps // 50)
-
-
-def wandb_every(wandb_every_n_steps: int | None, log_every_n_steps: int | None, total: int) -> int:
-    """W&B's training-row cadence: ``logger.wandb.log_every_n_steps`` if set, else every k-th
-    training row, about ten a run (all of them in a run of fewer than 20), so the grid falls
-    on steps that have a row."""
-    rows = row_every(log_every_n_steps, total)
-    return wandb_every_n_steps or rows * max(1, total // rows // 10)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, rename: never half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(
-        path, (json.dumps(_jsonable(obj), indent=2, sort_keys=False) + "\n").encode()
-    )
-
-
-def _jsonable(obj: Any) -> Any:
-    """JSON has no NaN or infinity: write them as null so every reader can parse the file."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    return obj
+# A row's kind: "step" rows (training, weight metrics, BN points) are thinned by each sink's
+# cadence; "eval" rows (an evaluation) and "bn" rows (the final BN measurement) always go.
+KINDS = ("step", "eval", "bn")
 
 
 class Sink(Protocol):
-    def log(self, row: dict[str, Any]) -> None: ...
+    def log(self, row: dict[str, Any], kind: str) -> None: ...
 
-    def finish(self, summary: dict[str, Any]) -> None: ...
+    def finish(self, summary: dict[str, Any]) -> dict[str, float]:
+        """Close; return the sink's own costs in seconds, for the summary's timings."""
+        ...
 
 
 class JsonlSink:
@@ -86,12 +40,13 @@ class JsonlSink:
         self.path = Path(path)
         self.file = open(self.path, "a" if append else "w", encoding="utf-8")  # noqa: SIM115
 
-    def log(self, row: dict[str, Any]) -> None:
-        self.file.write(json.dumps(_jsonable(row)) + "\n")
+    def log(self, row: dict[str, Any], kind: str) -> None:
+        self.file.write(json.dumps(jsonable(row)) + "\n")
         self.file.flush()
 
-    def finish(self, summary: dict[str, Any]) -> None:
+    def finish(self, summary: dict[str, Any]) -> dict[str, float]:
         self.file.close()
+        return {}
 
 
 class ConsoleSink:
@@ -109,19 +64,19 @@ class ConsoleSink:
 
             self.bar = tqdm(total=total_steps, initial=initial, unit="step", dynamic_ncols=True)
 
-    def log(self, row: dict[str, Any]) -> None:
+    def log(self, row: dict[str, Any], kind: str) -> None:
         if self.mode == "none":
             return
         if self.bar is not None:
             self.bar.update(row["optimizer_step"] - self.bar.n)
             shown = {k: v for k, v in row.items() if k in ("train/loss", "test/acc", "epoch")}
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
-        step = row.get("optimizer_step", 0)
-        if self.bar is None and "test/acc" not in row and step < self.next_line:
+        step, evaluation = row.get("optimizer_step", 0), kind == "eval"
+        if self.bar is None and not evaluation and step < self.next_line:
             return
-        if self.bar is None and "test/acc" not in row:
+        if self.bar is None and not evaluation:
             self.next_line = step + self.every
-        if self.bar is None or "test/acc" in row:
+        if self.bar is None or evaluation:
             # per-layer BN keys (bn/<layer>/...) go to files only: a line keeps the aggregates
             kept = {k: v for k, v in row.items() if not k.startswith("bn/") or k.count("/") < 2}
             text = " ".join(f"{k}={_fmt(v)}" for k, v in kept.items())
@@ -131,9 +86,10 @@ class ConsoleSink:
             else:
                 log.info(text)
 
-    def finish(self, summary: dict[str, Any]) -> None:
+    def finish(self, summary: dict[str, Any]) -> dict[str, float]:
         if self.bar is not None:
             self.bar.close()
+        return {}
 
 
 def _fmt(v: Any) -> str:
@@ -146,13 +102,16 @@ class Sinks:
     def __init__(self, sinks: list[Sink] | None = None) -> None:
         self.sinks: list[Sink] = list(sinks or [])
 
-    def log(self, row: dict[str, Any]) -> None:
+    def log(self, row: dict[str, Any], kind: str = "step") -> None:
         for s in self.sinks:
-            s.log(row)
+            s.log(row, kind)
 
-    def finish(self, summary: dict[str, Any]) -> None:
+    def finish(self, summary: dict[str, Any]) -> dict[str, float]:
+        """Close every sink; return their costs (seconds) for the summary's timings."""
+        costs: dict[str, float] = {}
         for s in self.sinks:
-            s.finish(summary)
+            costs.update(s.finish(summary))
+        return costs
 
     def ids(self) -> dict[str, str]:
         """Identifiers a checkpoint keeps so a resumed run continues the same records."""
@@ -238,17 +197,6 @@ def _folder_label(folder: Path) -> str:
     return folder.name
 
 
-def _flat(prefix: str, obj: Any) -> dict[str, Any]:
-    """Nested summary dicts as W&B summary keys: ``{"counted": {"total_steps": 9}}`` ->
-    ``{"counted/total_steps": 9}``."""
-    if not isinstance(obj, dict):
-        return {prefix: obj}
-    out: dict[str, Any] = {}
-    for k, v in obj.items():
-        out.update(_flat(f"{prefix}/{k}" if prefix else str(k), v))
-    return out
-
-
 class WandbSink:
     """One W&B run per Hydra job, living in ``<job folder>/wandb/``.
 
@@ -265,34 +213,26 @@ class WandbSink:
         self,
         cfg: Any,
         out_dir: Path,
-        plan_dict: dict[str, Any],
-        every: int | None = None,
+        config: dict[str, Any],
+        cadence: Cadence,
         run_id: str | None = None,
         flush_every_s: float = 10.0,
     ) -> None:
-        from omegaconf import OmegaConf
-
-        w = cfg.logger.wandb
-        self.mode = wandb_mode(w.mode)
-        # Each row costs W&B ~1 ms of CPU beside training: by default about ten training rows
-        # a run (plus every evaluation and BN-gap row) keep it under 5% of training time.
-        total = int(plan_dict["total_steps"])
-        self.every = wandb_every(every, cfg.trainer.log_every_n_steps, total)
+        """``cfg``: the ``logger.wandb`` node; ``config``: what the run's W&B config holds."""
+        self.mode = wandb_mode(cfg.mode)
+        self.cadence = cadence  # its W&B grid: ~1 ms of CPU a row keeps W&B under 5%
         self.id = run_id or secrets.token_hex(6)
         group, name, overrides = run_identity(out_dir)
-        config = OmegaConf.to_container(cfg, resolve=True)
-        assert isinstance(config, dict)
-        config.update(plan=plan_dict, overrides=overrides)
         self.init_kwargs: dict[str, Any] = dict(
-            project=w.project,
-            entity=w.entity,
+            project=cfg.project,
+            entity=cfg.entity,
             dir=str(out_dir),
             mode=self.mode,
             group=group,
             name=name,
             job_type="train",
-            tags=list(w.tags),
-            config=config,
+            tags=list(cfg.tags),
+            config={**config, "overrides": overrides},
             reinit="finish_previous",  # a sweep runs its jobs in one process, one run each
             id=self.id,
             resume="allow" if run_id else None,  # a resumed job continues its own run
@@ -311,10 +251,9 @@ class WandbSink:
         self.last_flush = time.perf_counter()
         self.seconds["wandb_init_s"] = self.last_flush - t0
 
-    def log(self, row: dict[str, Any]) -> None:
-        """Rows on the step grid, plus every evaluation and BN-gap row."""
-        step = row.get("optimizer_step", 0)
-        if step % self.every == 0 or any(k.startswith(("test/", "bn/")) for k in row):
+    def log(self, row: dict[str, Any], kind: str) -> None:
+        """Step rows on the cadence's W&B grid, plus every evaluation and BN row."""
+        if kind != "step" or self.cadence.wandb_row(row.get("optimizer_step", 0)):
             self.buffer.append(dict(row))
             if time.perf_counter() - self.last_flush > self.flush_every_s:
                 self.flush()
@@ -331,35 +270,37 @@ class WandbSink:
         self.last_flush = time.perf_counter()
         self.seconds["wandb_log_s"] += self.last_flush - t0
 
-    def finish(self, summary: dict[str, Any]) -> None:
+    def finish(self, summary: dict[str, Any]) -> dict[str, float]:
         self.flush()
         if self.error is not None:
             log.warning("W&B stopped receiving rows: %s", self.error)
         t0 = time.perf_counter()
         status = summary.get("status", "failed")
-        final = _flat("", summary.get("final", {}))
+        final = flatten(summary.get("final", {}), "/")
         extra = {k: summary[k] for k in ("counted", "timings", "error") if k in summary}
-        exc = sys.exc_info()[1]  # finish runs in train_job's ``finally``: a failure in flight
-        if exc is not None and "error" not in extra:
-            extra["error"] = f"{type(exc).__name__}: {exc}"
-        self.run.summary.update({**final, **_flat("", extra), "status": status})
+        self.run.summary.update({**final, **flatten(extra, "/"), "status": status})
         folder = Path(self.run.dir).parent  # <job>/wandb/offline-run-.../files -> the run
         self.run.finish(exit_code=0 if status == "completed" else 1)
         self.seconds["wandb_finish_s"] = time.perf_counter() - t0
-        summary.setdefault("timings", {}).update(self.seconds)  # W&B's own cost, measured
         if self.mode == "offline":
             log.info("W&B run saved offline; upload it with: wandb sync %s", folder)
+        return dict(self.seconds)  # W&B's own cost, measured
 
 
 def build(
     cfg: Any,
     out_dir: Path,
-    plan: Any,
+    plan: StepPlan,
+    cadence: Cadence,
+    *,
+    progress: str = "auto",
+    config: dict[str, Any] | None = None,
     rank: int = 0,
     done_steps: int = 0,
     wandb_run_id: str | None = None,
 ) -> Sinks:
-    """The sinks of one job: console and ``metrics.jsonl``, plus W&B when configured.
+    """The sinks of one job: console and ``metrics.jsonl``, plus W&B when the ``logger``
+    node ``cfg`` asks for it (``config``, the resolved run config, becomes its W&B config).
 
     Only rank 0 logs; other ranks get an empty fan-out. A resumed run (``done_steps > 0``)
     appends to ``metrics.jsonl`` and continues the W&B run ``wandb_run_id``.
@@ -367,11 +308,10 @@ def build(
     if rank != 0:
         return Sinks()
     out: list[Sink] = [
-        ConsoleSink(plan.total_steps, cfg.trainer.progress, initial=done_steps),
+        ConsoleSink(plan.total_steps, progress, initial=done_steps),
         JsonlSink(Path(out_dir) / "metrics.jsonl", append=done_steps > 0),
     ]
-    w = cfg.logger.wandb
-    if cfg.logger.name == "wandb" and w.mode != "disabled":
-        sink = WandbSink(cfg, Path(out_dir), plan.as_dict(), w.log_every_n_steps, wandb_run_id)
-        out.append(sink)
+    if cfg.name == "wandb" and cfg.wandb.mode != "disabled":
+        run_config = {**(config or {}), "plan": plan.as_dict()}
+        out.append(WandbSink(cfg.wandb, Path(out_dir), run_config, cadence, wandb_run_id))
     return Sinks(out)

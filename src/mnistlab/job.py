@@ -1,0 +1,284 @@
+"""One job: what one process does for one run, from its config to its summary.
+
+Three steps, a screen each: :func:`setup` builds the components, each from its own config
+node (data → model → regularizer, optimizer → loop, with its callbacks and sinks);
+:func:`train` runs the loop and turns how it ended (completed, diverged, interrupted) into
+the summary; :func:`summarize` assembles a completed run's summary. Every rank of a
+multi-process run runs the same job; only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from . import bnstats, checkpoint, data, distributed, models, regularizers, sinks
+from .checkpoint import Checkpointer
+from .data import Split
+from .errors import ConfigError, Diverged, Interrupted
+from .loop import Callback, Fit, Loop, LoopConfig, evaluate, position
+from .optim import build_optimizer
+from .steps import Cadence, StepCounter, StepPlan
+
+log = logging.getLogger("mnistlab")
+
+
+@dataclass
+class Job:
+    """A run's components, built and (when resuming) restored, ready to train."""
+
+    cfg: DictConfig
+    out_dir: Path
+    world_size: int
+    plan: StepPlan
+    model: nn.Module  # the plain module: checkpoints, BN statistics, regularizers, names
+    loop: Loop  # trains through ``loop.model``: the model, wrapped in DDP and/or compiled
+    monitor: bnstats.Monitor
+    ckpt: Checkpointer
+    sinks: sinks.Sinks
+    counter: StepCounter  # where training starts: zero, or the checkpoint's
+    running: dict[str, Any] | None  # the checkpoint's train sums since its last row
+    resumed: dict[str, Any] | None  # the checkpoint resumed from
+
+
+def select_device(accelerator: str) -> torch.device:
+    if accelerator == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    if accelerator == "cuda":
+        raise ConfigError(
+            "trainer.accelerator", "cuda", "no CUDA device is visible; use trainer.accelerator=cpu"
+        )
+    return torch.device("cpu")
+
+
+def setup(cfg: DictConfig, out_dir: Path, rank: int = 0, world_size: int = 1) -> Job:
+    """Build every component of the run from ``cfg``; restore them from the checkpoint when
+    ``trainer.resume``. W&B starts only once the data, the plan and the callbacks are known
+    to be good, so bad input leaves no W&B run behind."""
+    t, b, w = cfg.trainer, cfg.bn_stats, cfg.logger.wandb
+    device = select_device(t.accelerator)
+    torch.manual_seed(t.seed)  # before the model is built: its initial weights
+    config: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+    resumed = checkpoint.load_for_resume(out_dir / checkpoint.LAST, config) if t.resume else None
+    plan, train, test, model = _data_and_model(cfg, device, rank, world_size)
+    reg = regularizers.build(model, cfg.regularizer)
+    optimizer = build_optimizer(cfg.optimizer, model.parameters())
+    counter, running = _restore(resumed, model, optimizer, out_dir, rank, t.epochs)
+    net = distributed.wrap(model, device, world_size, cfg.model.sync_bn)  # DDP: world > 1
+    model = models.unwrap(net)
+
+    has_bn = bool(models.bn_layers(model))
+    steps = (t.log_every_n_steps, w.log_every_n_steps, b.every_n_steps)
+    cadence = Cadence.of(plan.total_steps, *steps, has_bn=has_bn)
+    extra = _callbacks(cfg.callbacks)
+    every = t.checkpoint_every_n_steps
+    ckpt = Checkpointer(out_dir, model, optimizer, config, every, rank=rank, listeners=extra)
+    monitor = bnstats.Monitor(
+        model, train.x, batch_size=t.batch_size, cadence=cadence, probe_samples=b.probe_samples,
+        seed=t.seed, precision=t.precision, rank=rank, world_size=world_size,
+        train_samples=plan.samples_seen,
+    )  # fmt: skip
+    run_id = resumed["extra"].get("wandb_run_id") if resumed is not None else None
+    out = sinks.build(
+        cfg.logger, out_dir, plan, cadence, progress=t.progress, config=config, rank=rank,
+        done_steps=counter.optimizer_steps, wandb_run_id=run_id,
+    )  # fmt: skip
+    ckpt.extra.update(out.ids())  # the W&B run id: a resumed run continues the same W&B run
+    # torch.compile(module), not the in-place Module.compile(): before torch 2.14 that leaves
+    # dynamo no frame to capture for an nn.Sequential. The BN pass calls the plain model.
+    trained = torch.compile(net) if t.compile else net
+    loop_cfg = LoopConfig(
+        t.seed, cadence, rank, t.eval_every_n_epochs, t.eval_batch_size, t.precision
+    )
+    loop = Loop(trained, optimizer, reg, plan, train, test, out, loop_cfg, [monitor, ckpt, *extra])
+    return Job(cfg, out_dir, world_size, plan, model, loop, monitor, ckpt, out, counter, running,
+               resumed)  # fmt: skip
+
+
+def _restore(
+    resumed: dict[str, Any] | None,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    out_dir: Path,
+    rank: int,
+    epochs: int,
+) -> tuple[StepCounter, dict[str, Any] | None]:
+    """Model and optimizer from the checkpoint; where training stands (a fresh start when
+    there is none). ``metrics.jsonl`` loses the rows the resumed run will log again."""
+    if resumed is None:
+        return StepCounter(), None
+    counter, running = checkpoint.restore(resumed, model, optimizer)
+    if counter.epochs > epochs:
+        raise ConfigError("trainer.epochs", epochs, f"at least {counter.epochs} (epochs done)")
+    if rank == 0:
+        checkpoint.truncate(out_dir / "metrics.jsonl", resumed["metrics_bytes"])
+        log.info("resuming from %s at optimizer step %d", out_dir / checkpoint.LAST,
+                 counter.optimizer_steps)  # fmt: skip
+    return counter, running
+
+
+def _data_and_model(
+    cfg: DictConfig, device: torch.device, rank: int, world_size: int
+) -> tuple[StepPlan, Split, Split, nn.Module]:
+    """The data on the device, the step plan over it, and the model for its images."""
+    ds = data.load(cfg.dataset)
+    train, test = (Split(s.x.to(device), s.y.to(device)) for s in (ds.train, ds.test))
+    plan = StepPlan.from_config(cfg.trainer, len(train), world_size)
+    if rank == 0:
+        log.info("\n%s", plan.banner(cfg.trainer.num_nodes))
+    model = models.build(cfg.model, ds.image_shape, ds.num_classes, cfg.regularizer.dropout)
+    model = model.to(device)
+    layout = models.memory_format(model, device)
+    if layout == torch.channels_last:
+        model = model.to(memory_format=layout)
+        train, test = (Split(s.x.contiguous(memory_format=layout), s.y) for s in (train, test))
+    return plan, train, test, model
+
+
+def _callbacks(nodes: DictConfig) -> list[Callback]:
+    """The ``callbacks`` config node's extra loop callbacks, instantiated by Hydra."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    out = []
+    for name, node in nodes.items():
+        target = node.get("_target_") if isinstance(node, DictConfig) else node
+        try:
+            callback = instantiate(node)
+        except InstantiationException as e:
+            reason = str(e).strip().splitlines()[0]
+            raise ConfigError(f"callbacks.{name}._target_", target, reason) from None
+        if not isinstance(callback, Callback):
+            raise ConfigError(f"callbacks.{name}._target_", target, "a mnistlab.loop.Callback")
+        out.append(callback)
+    return out
+
+
+def train(job: Job, started: float) -> dict[str, Any]:
+    """Run the loop from where the job stands; return the summary (rank 0's is written).
+
+    ``started`` is when this job's clock began (``perf_counter``): start-up is measured
+    from it."""
+    summary: dict[str, Any] = {"status": "failed", "plan": job.plan.as_dict()}
+    summary.update(world_size=job.world_size, backend=distributed.current_backend())
+    if job.resumed is not None:
+        summary["resumed_from_step"] = job.counter.optimizer_steps
+        checkpoint.set_rng_state(job.resumed["rng"])  # last: building the model drew from it
+    else:  # step 0: a diverged or killed run always has a checkpoint to go back to
+        job.ckpt.save(StepCounter(), {"loss": 0.0, "correct": 0.0, "count": 0})
+    t_start = time.perf_counter()  # train_s times the loop alone; set-up is in startup_s
+    summary["timings"] = {"startup_s": t_start - started}
+    summary["num_threads"] = torch.get_num_threads()
+    start_samples = job.counter.samples_seen
+    try:
+        with job.ckpt.stop_on_signals():
+            fit = job.loop.fit(job.counter, job.running)
+        summarize(job, fit, summary, time.perf_counter() - t_start, started, start_samples)
+    except Diverged as e:
+        summary.update(_diverged(job, e))
+    except Interrupted as e:
+        resume = f"python -m mnistlab.train hydra.run.dir={job.out_dir} trainer.resume=true"
+        summary.update(status="interrupted", interrupted_at_step=e.step, signal=e.signum)
+        summary["error"] = f"{e}; checkpoint saved in {job.ckpt.path}; continue with: {resume}"
+    except BaseException as e:  # a bug, or a second Ctrl-C: the sinks still close, saying so
+        summary["error"] = f"{type(e).__name__}: {e}"
+        raise
+    finally:
+        summary.setdefault("counted", job.counter.counted())  # diverged or interrupted: how far
+        summary["timings"]["wall_s"] = time.perf_counter() - started
+        summary["timings"].update(job.sinks.finish(summary))  # W&B's own costs
+    return summary
+
+
+def _diverged(job: Job, e: Diverged) -> dict[str, Any]:
+    step = job.ckpt.last_saved_step
+    kept = f"; last checkpoint (step {step}) kept in {job.ckpt.path}" if step is not None else ""
+    lr = job.cfg.optimizer.lr
+    return {
+        "status": "diverged",
+        "diverged_at_step": e.step,
+        "last_checkpoint_step": step,
+        "error": f"error: {e}; try a lower optimizer.lr (now {lr}){kept}",
+    }
+
+
+def summarize(
+    job: Job, fit: Fit, summary: dict[str, Any], train_s: float, started: float, start_samples: int
+) -> None:
+    """A completed loop's summary: final BN gaps and metrics, the accounting against the
+    plan (on every rank), timings. Collectives inside: every rank calls it."""
+    t, counter, net = job.cfg.trainer, fit.counter, job.loop.model
+
+    def test_metrics() -> dict[str, float]:
+        return evaluate(net, job.loop.test, t.eval_batch_size, t.precision)
+
+    bn_row, bn_part = job.monitor.finish(
+        counter.micro_batches,
+        counter.optimizer_steps,
+        job.cfg.bn_stats.recalibrate,
+        lambda: test_metrics()["acc"],
+    )
+    if bn_row:
+        job.sinks.log(position(counter, job.plan) | bn_row, kind="bn")
+    final_test = test_metrics()
+    final_train = evaluate(net, job.loop.train, t.eval_batch_size, t.precision)
+    summary.update(_accounting(job, counter))
+    summary["final"] = {
+        "test/loss": final_test["loss"],
+        "test/acc": final_test["acc"],
+        "train/loss": final_train["loss"],
+        "train/acc": final_train["acc"],
+        "train_test_gap": final_train["acc"] - final_test["acc"],
+        **job.loop.regularizer.metrics(),
+        **bn_part.pop("final", {}),
+    }
+    summary.update(bn_part)
+    first = fit.timings.get("first_step_at")
+    summary["timings"].update(
+        train_s=train_s,
+        eval_s=fit.timings["eval_s"],
+        first_step_s=first - started if first is not None else None,
+        first_step_unix=fit.timings.get("first_step_unix"),
+        bn_stats_s=job.monitor.seconds,
+        samples_per_s=(counter.samples_seen - start_samples) / train_s if train_s > 0 else None,
+    )
+
+
+def _accounting(job: Job, counter: StepCounter) -> dict[str, Any]:
+    """Counted against planned, on this rank and (a collective) on every rank."""
+    mismatches = counter.compare(job.plan)
+    counted = counter.counted()
+    out: dict[str, Any] = {
+        "status": "completed" if not mismatches else "failed",
+        "counted": counted,
+        "accounting_matches_plan": not mismatches,
+        "mismatches": {k: {"counted": c, "planned": p} for k, (c, p) in mismatches.items()},
+    }
+    if job.world_size > 1:  # every rank's counts and weights, seen on rank 0
+        ranks = distributed.rank_report(job.model, counted, job.cfg.model.sync_bn)
+        out["bn_running_stats_from"] = ranks["bn_running_stats_from"]
+        out["distributed"] = ranks
+        if any(c != counted for c in ranks["counted_per_rank"]):
+            mismatches["counted_per_rank"] = (ranks["counted_per_rank"], counted)
+            out["mismatches"]["counted_per_rank"] = ranks["counted_per_rank"]
+            out.update(status="failed", accounting_matches_plan=False)
+    if mismatches:
+        out["error"] = f"counted steps differ from the plan: {mismatches}"
+    return out
+
+
+def run(
+    cfg: DictConfig, out_dir: Path, rank: int = 0, world_size: int = 1, started: float = 0.0
+) -> dict[str, Any]:
+    """Everything one process does for one run: set the job up, train it, return the summary.
+    ``started`` (``perf_counter``) is when the job's clock began; 0: now."""
+    return train(setup(cfg, out_dir, rank, world_size), started or time.perf_counter())
