@@ -22,6 +22,7 @@ from hydra_plugins.hydra_joblib_launcher.config import JobLibLauncherConf
 from omegaconf import OmegaConf
 
 from mnistlab import compare, sinks
+from mnistlab.config import register
 from mnistlab.errors import ConfigError
 from mnistlab.plan import CONF_DIR, plan_from_overrides
 from mnistlab.plan import main as plan_main
@@ -346,6 +347,7 @@ def test_wandb_sink_cadence_rank_and_summary(tmp_path: Path) -> None:
         "logger.wandb.log_every_n_steps=5",
         "trainer.progress=none",
     ]
+    register()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
     plan = StepPlan(384, 1, 32, 1, 1, False)  # 12 steps

@@ -146,13 +146,6 @@ def evaluate(
     return {"loss": float(loss) / n, "acc": float(correct) / n}
 
 
-def _hooks(callbacks: Sequence[Callback], name: str) -> list[Any]:
-    """The bound ``name`` methods of the callbacks that define it (the rest cost nothing)."""
-    return [
-        getattr(c, name) for c in callbacks if getattr(type(c), name) is not getattr(Callback, name)
-    ]
-
-
 @dataclass
 class Loop:
     """One run's training: the model, what updates it, the data, and where rows go."""
@@ -177,7 +170,6 @@ class Loop:
         device = train.x.device
         no_sync = getattr(model, "no_sync", contextlib.nullcontext)  # DDP: no all-reduce
         run = Running.zeros(device, running)
-        on_micro_batch = _hooks(self.callbacks, "on_micro_batch")
         model.train()
 
         for epoch in range(counter.epochs, plan.epochs):
@@ -201,8 +193,8 @@ class Loop:
                     run.loss.add_(loss_sum.detach())  # in place, widened to float64: one op
                     run.correct.add_((out.detach().argmax(1) == y).sum())
                     run.count += len(idx)
-                    for hook in on_micro_batch:
-                        hook(counter)
+                    for c in self.callbacks:
+                        c.on_micro_batch(counter)
 
                 self.optimizer.step()
                 self.regularizer.after_step(self.optimizer.param_groups[0]["lr"])
