@@ -99,6 +99,14 @@ class LoggerConfig:
 
 
 @dataclass
+class ObjectiveConfig:
+    """What a sweep optimises: the final metric the job returns, and which way is better."""
+
+    metric: str = "test/acc"
+    direction: str = "maximize"
+
+
+@dataclass
 class Config:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -107,6 +115,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     bn_stats: BNStatsConfig = field(default_factory=BNStatsConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     # Extra loop callbacks by name, each a ``_target_`` class (mnistlab.loop.Callback)
     # that Hydra instantiates in every process of the run: ``+callbacks.x._target_=pkg.Cls``.
     callbacks: dict[str, Any] = field(default_factory=dict)
@@ -136,6 +145,7 @@ PROGRESS = ("auto", "bar", "lines", "none")
 L1_MODES = ("penalty", "proximal")
 L2_MODES = ("penalty", "decoupled")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
+DIRECTIONS = ("maximize", "minimize")
 LOGGERS = ("none", "wandb")
 
 
@@ -265,6 +275,7 @@ def validate(cfg: Any) -> None:
         _at_least("bn_stats.probe_samples", b.probe_samples, 1)
     _one_of("logger.name", cfg.logger.name, LOGGERS)
     _one_of("logger.wandb.mode", cfg.logger.wandb.mode, WANDB_MODES)
+    _one_of("objective.direction", cfg.objective.direction, DIRECTIONS)
     if cfg.logger.wandb.log_every_n_steps is not None:
         _at_least("logger.wandb.log_every_n_steps", cfg.logger.wandb.log_every_n_steps, 1)
     check_known_keys(cfg)

@@ -68,7 +68,7 @@ def run(cfg: DictConfig, hc: Any, started: float) -> float:
     rank = launch.rank if launch is not None else 0
     if rank == 0:  # only rank 0 writes (under torchrun every rank runs this function)
         _write_summary(out_dir, summary, cfg, hc, started)
-    return _outcome(summary, code, multirun, launch, out_dir)
+    return _outcome(summary, code, multirun, launch, out_dir, cfg.objective.metric)
 
 
 def _prepare(cfg: DictConfig) -> distributed.Launch:
@@ -151,8 +151,10 @@ def _outcome(
     multirun: bool,
     launch: distributed.Launch | None,
     out_dir: Path,
+    metric: str,
 ) -> float:
-    """The job's exit: test accuracy for the sweeper, or the error line and its exit code."""
+    """The job's exit: the objective's value for the sweeper (``objective.metric``), or the
+    error line and its exit code."""
     error = summary.get("error")
     if summary["status"] == "interrupted":  # stop a sweep too: the user asked to stop
         print(error, file=sys.stderr, flush=True)
@@ -161,10 +163,10 @@ def _outcome(
         print(error or "error: run failed", file=sys.stderr, flush=True)
         torchrun = launch is not None and launch.mode == "torchrun"
         return _stop(code, multirun and not torchrun)  # torchrun's agent stops the other ranks
-    acc = summary.get("final", {}).get("test/acc", math.nan)
+    value = summary.get("final", {}).get(metric, math.nan)
     if launch is None or launch.rank == 0:
-        log.info("test accuracy %.4f; summary in %s", acc, out_dir / "summary.json")
-    return acc
+        log.info("%s %.4f; summary in %s", metric, value, out_dir / "summary.json")
+    return value
 
 
 def _stop(code: int, multirun: bool) -> float:
