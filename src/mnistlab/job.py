@@ -132,7 +132,8 @@ def _data_and_model(
     """The data on the device, the step plan over it, and the model for its images."""
     ds = data.load(cfg.dataset)
     train, test = (Split(s.x.to(device), s.y.to(device)) for s in (ds.train, ds.test))
-    plan = StepPlan.from_config(cfg.trainer, len(train), world_size)
+    smallest = models.smallest_batch(cfg.model)
+    plan = StepPlan.from_config(cfg.trainer, len(train), world_size, smallest)
     if rank == 0:
         log.info("\n%s", plan.banner(cfg.trainer.num_nodes))
     model = models.build(cfg.model, ds.image_shape, ds.num_classes, cfg.regularizer.dropout)
@@ -200,14 +201,19 @@ def train(job: Job, started: float) -> dict[str, Any]:
 
 
 def _diverged(job: Job, e: Diverged) -> dict[str, Any]:
-    step = job.ckpt.last_saved_step
-    kept = f"; last checkpoint (step {step}) kept in {job.ckpt.path}" if step is not None else ""
-    lr = job.cfg.optimizer.lr
+    """What diverged, and the way back: resume the last finite checkpoint at a lower rate."""
+    step, lr = job.ckpt.last_saved_step, job.cfg.optimizer.lr
+    advice = f"try a lower optimizer.lr (now {lr})"
+    if step is not None:
+        resume = f"python -m mnistlab.train hydra.run.dir={job.out_dir} trainer.resume=true"
+        advice += (
+            f"; resume the last checkpoint (step {step}) with: {resume} optimizer.lr={lr / 10:g}"
+        )
     return {
         "status": "diverged",
         "diverged_at_step": e.step,
         "last_checkpoint_step": step,
-        "error": f"error: {e}; try a lower optimizer.lr (now {lr}){kept}",
+        "error": f"error: {e}; {advice}",
     }
 
 

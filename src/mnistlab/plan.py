@@ -16,6 +16,7 @@ from hydra import compose, initialize_config_dir
 from .config import register, validate
 from .data import train_size
 from .errors import report, user_message
+from .models import smallest_batch
 from .steps import StepPlan
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -28,7 +29,8 @@ def plan_from_overrides(overrides: list[str]) -> tuple[StepPlan, int]:
         cfg = compose(config_name="config", overrides=overrides)
     validate(cfg)
     t = cfg.trainer
-    return StepPlan.from_config(t, train_size(cfg.dataset), t.devices * t.num_nodes), t.num_nodes
+    world, smallest = t.devices * t.num_nodes, smallest_batch(cfg.model)
+    return StepPlan.from_config(t, train_size(cfg.dataset), world, smallest), t.num_nodes
 
 
 def main(argv: list[str] | None = None) -> int:
