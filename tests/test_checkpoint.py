@@ -19,13 +19,13 @@ from typing import Any
 
 import pytest
 import torch
-from faults import KillAfterSave, KillAtMicroBatch, override
 
 from mnistlab import checkpoint
 from mnistlab.errors import ConfigError, Diverged
 from mnistlab.steps import StepCounter
 
 from conftest import ROOT, read_jsonl, read_summary, run_app
+from faults import KillAfterSave, KillAtMicroBatch, override
 
 # 200 samples, batch 16: 13 micro-batches per epoch in windows of 3,3,3,3,1 -> 5 steps per
 # epoch, 15 in all. Checkpoints at step 0, every 2 steps and at each epoch end; a row every

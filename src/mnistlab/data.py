@@ -223,11 +223,24 @@ def _read_error(e: Exception, where: str, folder: Path, name: str) -> DataError:
             f"{where}: {name} files not found in {folder}; "
             "set dataset.download=true or put the IDX files there"
         )
+    empty = [f.name for f in sorted(folder.glob("*idx*")) if _idx_count(f) == 0]
+    if empty:  # well-formed, but nothing in it: not corrupt, and not what the user wants
+        return DataError(
+            f"{where}: {empty[0]} in {folder} holds no samples (its header counts 0); "
+            "put the full file there, or delete it and download again"
+        )
     problem = _idx_problems(folder) or f"{type(e).__name__} {e}".strip()
     return DataError(
         f"{where}: corrupt or truncated IDX file in {folder}: {problem}; "
         "delete it and download again"
     )
+
+
+def _idx_count(path: Path) -> int | None:
+    """The sample count of a well-formed IDX file (its first dimension), else None."""
+    if not path.is_file() or path.name.endswith(".gz") or idx_problem(path) is not None:
+        return None
+    return int.from_bytes(path.read_bytes()[4:8], "big")
 
 
 def _check_split(x: Tensor, y: Tensor, num_classes: int, what: str) -> None:

@@ -72,7 +72,9 @@ def setup(cfg: DictConfig, out_dir: Path, rank: int = 0, world_size: int = 1) ->
     plan, train, test, model = _data_and_model(cfg, device, rank, world_size)
     reg = regularizers.build(model, cfg.regularizer)
     optimizer = build_optimizer(cfg.optimizer, model.parameters())
-    counter, running = _restore(resumed, model, optimizer, out_dir, rank, t.epochs)
+    counter, running = _restore(
+        resumed, model, optimizer, out_dir, rank, t.epochs, cfg.optimizer.lr
+    )
     net = distributed.wrap(model, device, world_size, cfg.model.sync_bn)  # DDP: world > 1
     model = models.unwrap(net)
 
@@ -111,12 +113,15 @@ def _restore(
     out_dir: Path,
     rank: int,
     epochs: int,
+    lr: float,
 ) -> tuple[StepCounter, dict[str, Any] | None]:
     """Model and optimizer from the checkpoint; where training stands (a fresh start when
     there is none). ``metrics.jsonl`` loses the rows the resumed run will log again."""
     if resumed is None:
         return StepCounter(), None
     counter, running = checkpoint.restore(resumed, model, optimizer)
+    for group in optimizer.param_groups:  # optimizer.lr may change on resume (after a blow-up)
+        group["lr"] = lr
     if counter.epochs > epochs:
         raise ConfigError("trainer.epochs", epochs, f"at least {counter.epochs} (epochs done)")
     if rank == 0:
@@ -156,7 +161,7 @@ def _callbacks(nodes: DictConfig) -> list[Callback]:
         try:
             callback = instantiate(node)
         except InstantiationException as e:
-            reason = str(e).strip().splitlines()[0]
+            reason = str(e).strip().splitlines()[0].split(", set env var HYDRA_FULL_ERROR")[0]
             raise ConfigError(f"callbacks.{name}._target_", target, reason) from None
         if not isinstance(callback, Callback):
             raise ConfigError(f"callbacks.{name}._target_", target, "a mnistlab.loop.Callback")
