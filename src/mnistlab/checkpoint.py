@@ -47,6 +47,8 @@ MAY_CHANGE = (
     "dataset.root",
     "dataset.download",
     "logger.wandb.mode",
+    "logger.wandb.quiet",
+    "logger.wandb.log_checkpoint",
     "callbacks",
 )
 
