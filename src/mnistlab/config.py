@@ -91,6 +91,8 @@ class WandbConfig:
     entity: str | None = None
     tags: list[str] = field(default_factory=list)
     log_every_n_steps: int | None = None  # None: about ten training rows a run
+    quiet: bool = False  # W&B prints nothing and captures no console; the progress bar stays
+    log_checkpoint: bool = False  # the last checkpoint as a W&B model artifact at the end
 
 
 @dataclass

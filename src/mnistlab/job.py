@@ -89,10 +89,10 @@ def setup(cfg: DictConfig, out_dir: Path, rank: int = 0, world_size: int = 1) ->
         seed=t.seed, precision=t.precision, rank=rank, world_size=world_size,
         train_samples=plan.samples_seen,
     )  # fmt: skip
-    run_id = resumed["extra"].get("wandb_run_id") if resumed is not None else None
+    ids = resumed["extra"] if resumed is not None else None  # the W&B run, its name and group
     out = sinks.build(
         cfg.logger, out_dir, plan, cadence, progress=t.progress, config=config, rank=rank,
-        done_steps=counter.optimizer_steps, wandb_run_id=run_id,
+        done_steps=counter.optimizer_steps, resume_ids=ids,
     )  # fmt: skip
     ckpt.extra.update(out.ids())  # the W&B run id: a resumed run continues the same W&B run
     # torch.compile(module), not the in-place Module.compile(): before torch 2.14 that leaves
