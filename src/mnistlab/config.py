@@ -302,6 +302,17 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+def check_number(key: str, value: Any, rule: Num) -> None:
+    """One key's value against its rule: a ConfigError line naming what is allowed."""
+    if not rule.allows(value):
+        raise ConfigError(key, value, rule.describe())
+
+
+def check_choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(key, value, "one of " + ", ".join(allowed))
+
+
 def _values(cfg: Any, key: str) -> list[tuple[str, Any]]:
     """``(name, value)`` of a key, or of each element of a ``[]`` list key."""
     from omegaconf import OmegaConf
@@ -317,12 +328,10 @@ def validate(cfg: Any) -> None:
     raise the first problem as one ConfigError line."""
     for key, rule in NUMBERS.items():
         for name, value in _values(cfg, key):
-            if not rule.allows(value):
-                raise ConfigError(name, value, rule.describe())
+            check_number(name, value, rule)
     for key, allowed in CHOICES.items():
         for name, value in _values(cfg, key):
-            if value not in allowed:
-                raise ConfigError(name, value, "one of " + ", ".join(allowed))
+            check_choice(name, value, allowed)
     resolve_threads(cfg.trainer.num_threads)
     from .models import check as check_model  # imports torch: only once a job runs
 
