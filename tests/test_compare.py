@@ -193,3 +193,23 @@ def test_config_and_summary_values_as_columns_and_sort_keys(
     assert compare.main([str(sweep), "--sort", "zzz"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "trainer.batch_size" in err and "test/acc" in err
+
+
+def test_unreadable_runs_are_skipped_with_one_warning(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A damaged summary.json or a half-written metrics line hides nothing else."""
+    good, broken = tmp_path / "0", tmp_path / "1"
+    for run in (good, broken):
+        run.mkdir()
+    (good / "summary.json").write_text(
+        json.dumps({"status": "completed", "final": {"test/acc": 0.9}})
+    )
+    (good / "metrics.jsonl").write_text('{"optimizer_step": 1, "train/loss": 2.0}\n{"optimizer_st')
+    (broken / "summary.json").write_text('{"status": "compl')
+    assert compare.main([str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    assert "0.9" in out and "completed" in out
+    assert err.count("warning: skipping") == 1 and str(broken) in err
+    assert compare.read_metrics(good) == [{"optimizer_step": 1, "train/loss": 2.0}]
+    assert "skipped 1 unreadable line" in capsys.readouterr().err

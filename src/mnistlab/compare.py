@@ -49,14 +49,27 @@ COLUMNS = (
 
 
 def find_runs(paths: list[Path]) -> list[Path]:
-    """Every folder under ``paths`` (or ``paths`` themselves) that holds a ``summary.json``."""
+    """Every folder under ``paths`` (or ``paths`` themselves) that holds a readable
+    ``summary.json``; a damaged one is skipped with one warning line, so one broken run does
+    not hide the others."""
     found: list[Path] = []
     for p in map(Path, paths):
         if (p / "summary.json").is_file():
             found.append(p)
         else:
             found += sorted((s.parent for s in p.rglob("summary.json")), key=_natural)
-    return found
+    return [run for run in found if _readable(run)]
+
+
+def _readable(run: Path) -> bool:
+    try:
+        ok = isinstance(json.loads((run / "summary.json").read_text()), dict)
+        problem = "" if ok else "not a JSON object"
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        problem = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if problem:
+        print(f"warning: skipping {run}: summary.json unreadable ({problem})", file=sys.stderr)
+    return not problem
 
 
 def _natural(path: Path) -> list[Any]:
@@ -290,10 +303,22 @@ def offline_wandb_runs(runs: Sequence[Path]) -> list[Path]:
 
 
 def read_metrics(run: Path) -> list[dict[str, Any]]:
+    """The rows of ``metrics.jsonl``; a line that does not parse (a run killed while writing
+    it) is skipped with one warning line."""
     path = Path(run) / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows, bad = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line) if line.strip() else None
+        except ValueError:
+            row, bad = None, bad + 1
+        if isinstance(row, dict):
+            rows.append(row)
+    if bad:
+        print(f"warning: {path}: skipped {bad} unreadable line(s)", file=sys.stderr)
+    return rows
 
 
 def plot(

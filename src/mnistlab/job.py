@@ -26,6 +26,7 @@ from .errors import ConfigError, Diverged, Interrupted
 from .loop import Callback, Fit, Loop, LoopConfig, evaluate, position
 from .optim import build_optimizer
 from .steps import Cadence, StepCounter, StepPlan
+from .threads import ThreadGovernor
 
 log = logging.getLogger("mnistlab")
 
@@ -101,7 +102,10 @@ def setup(cfg: DictConfig, out_dir: Path, rank: int = 0, world_size: int = 1) ->
     loop_cfg = LoopConfig(
         t.seed, cadence, rank, t.eval_every_n_epochs, t.eval_batch_size, t.precision
     )
-    loop = Loop(trained, optimizer, reg, plan, train, test, out, loop_cfg, [monitor, ckpt, *extra])
+    callbacks: list[Callback] = [monitor, ckpt, *extra]
+    if t.num_threads == "auto" and device.type == "cpu":  # follow the machine's load
+        callbacks.append(ThreadGovernor(most=torch.get_num_threads()))
+    loop = Loop(trained, optimizer, reg, plan, train, test, out, loop_cfg, callbacks)
     return Job(cfg, out_dir, world_size, plan, model, loop, monitor, ckpt, out, counter, running,
                resumed)  # fmt: skip
 
