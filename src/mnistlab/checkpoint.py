@@ -17,6 +17,7 @@ import io
 import os
 import random
 import signal
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -38,6 +39,7 @@ VERSION = 1
 
 # Settings of this process rather than of the training (``callbacks`` observe the loop): a
 # resumed run always takes them from its own command line.
+REPEAT_S = 2.0  # a second SIGTERM/SIGINT within this many seconds is the same stop
 LOCAL = ("trainer.resume", "trainer.progress", "trainer.num_threads", "callbacks")
 # What a resumed run may change when its command line gives it: where the data is, how it is
 # logged, more epochs (to extend a finished or running training), another checkpoint
@@ -264,6 +266,7 @@ class Checkpointer(Callback):
         self.write = rank == 0
         self.metrics_path = Path(out_dir) / "metrics.jsonl"  # its size marks the rows kept
         self.stop_signal: int | None = None
+        self.stop_time = 0.0
         self.last_saved_step: int | None = None
         self.extra: dict[str, Any] = {}  # e.g. the W&B run id, for the run to resume under
 
@@ -309,9 +312,12 @@ class Checkpointer(Callback):
         stops at once (KeyboardInterrupt)."""
 
         def handler(signum: int, frame: Any) -> None:
-            if self.stop_signal is not None:
+            # The same stop can arrive twice at once (Ctrl-C reaches the process group and a
+            # sweep passes it on): only a second signal a while later means "stop now".
+            if self.stop_signal is not None and time.monotonic() - self.stop_time > REPEAT_S:
                 raise KeyboardInterrupt
-            self.stop_signal = signum
+            if self.stop_signal is None:
+                self.stop_signal, self.stop_time = signum, time.monotonic()
 
         previous: dict[int, Callable[..., Any] | int | None] = {}
         try:

@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import time
 from typing import Any
 
-from hydra.experimental.callback import Callback
-
 from .callbacks import Callback as LoopCallback
-from .errors import ConfigError, report
+from .errors import ConfigError
 
 
 def cpu_cores() -> int:
@@ -54,18 +51,6 @@ def parallel_jobs(hydra_cfg: Any) -> int:
     if n < 0:
         n = cpu_cores() + 1 + n
     return max(1, int(n))
-
-
-class LauncherCheck(Callback):
-    """Refuse launcher settings that cannot run, with one line before the launcher starts
-    any job (the launcher's own error would be a traceback from inside joblib)."""
-
-    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
-        launcher = config.hydra.launcher
-        if "joblib" in str(launcher.get("_target_", "")) and launcher.get("n_jobs") == 0:
-            allowed = "an integer >= 1, or negative to count back from the cores (-1: one per core)"
-            # Hydra turns a callback's exception into a warning and goes on: stop here instead.
-            sys.exit(report(str(ConfigError("hydra.launcher.n_jobs", 0, allowed))))
 
 
 def busy_seconds(cores: set[int]) -> float:
