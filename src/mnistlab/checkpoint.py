@@ -48,6 +48,7 @@ MAY_CHANGE = (
     "dataset.download",
     "logger.wandb.mode",
     "callbacks",
+    "report",
 )
 
 
