@@ -52,6 +52,7 @@ MAY_CHANGE = (
     "trainer.epochs",
     "trainer.checkpoint_every_n_steps",
     "optimizer.lr",
+    "report",
 )
 
 

@@ -205,8 +205,24 @@ def train(job: Job, started: float) -> dict[str, Any]:
     finally:
         summary.setdefault("counted", job.counter.counted())  # diverged or interrupted: how far
         summary["timings"]["wall_s"] = time.perf_counter() - started
+        if job.cfg.report and summary["status"] == "completed" and distributed.is_rank_zero():
+            summary["timings"]["report_s"] = _report(job.out_dir, summary)
         summary["timings"].update(job.sinks.finish(summary))  # W&B's own costs
     return summary
+
+
+def _report(out_dir: Path, summary: dict[str, Any]) -> float:
+    """``report=true``: the run's pictures, before W&B closes (so it can log them). A report
+    that fails costs one warning line, never the run. Returns its seconds."""
+    t0 = time.perf_counter()
+    try:
+        from .report import write_report
+
+        write_report(out_dir, summary)
+    except Exception as e:
+        log.warning("report not written (%s: %s); the run is fine: python -m mnistlab.report %s",
+                    type(e).__name__, e, out_dir)  # fmt: skip
+    return time.perf_counter() - t0
 
 
 def _diverged(job: Job, e: Diverged) -> dict[str, Any]:
