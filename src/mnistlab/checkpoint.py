@@ -248,8 +248,10 @@ class Checkpointer(Callback):
     """The loop's boundary callback: saves ``last.pt`` at every epoch end, every
     ``every_n_steps`` optimizer steps, and when SIGTERM/SIGINT arrived (then stops the run).
 
-    It writes ``<out_dir>/checkpoints/last.pt`` on rank 0 only (every rank stops at the same
-    step boundary). ``listeners`` hear of every save (:meth:`Callback.on_save`).
+    It writes ``<out_dir>/checkpoints/last.pt`` on rank 0 only. Every rank stops at the same
+    step boundary: ``agree`` maps this rank's signal number (0: none) to the largest over all
+    ranks (:func:`mnistlab.distributed.any_rank`). ``listeners`` hear of every save
+    (:meth:`Callback.on_save`).
     """
 
     def __init__(
@@ -261,10 +263,13 @@ class Checkpointer(Callback):
         every_n_steps: int | None,
         rank: int = 0,
         listeners: Sequence[Callback] = (),
+        agree: Callable[[int], int] = int,
     ) -> None:
         self.path, self.model, self.optimizer = Path(out_dir) / LAST, model, optimizer
         self.config, self.every, self.listeners = config, every_n_steps, listeners
         self.write = rank == 0
+        # Several ranks stop at the same step: each asks whether any rank got a signal.
+        self.agree = agree
         self.metrics_path = Path(out_dir) / "metrics.jsonl"  # its size marks the rows kept
         self.stop_signal: int | None = None
         self.stop_time = 0.0
@@ -272,18 +277,17 @@ class Checkpointer(Callback):
         self.extra: dict[str, Any] = {}  # e.g. the W&B run id, for the run to resume under
 
     def on_step_end(self, counter: StepCounter, running: Running) -> None:
-        step = counter.optimizer_steps
-        if self.stop_signal is not None or (self.every is not None and step % self.every == 0):
+        step, signum = counter.optimizer_steps, self.agree(self.stop_signal or 0)
+        if signum or (self.every is not None and step % self.every == 0):
             self.save(counter, running.as_dict())
-        self._stop_if_asked(step)
+        if signum:
+            raise Interrupted(signum, step)
 
     def on_epoch_end(self, counter: StepCounter, running: Running) -> None:
+        signum = self.agree(self.stop_signal or 0)
         self.save(counter, running.as_dict())
-        self._stop_if_asked(counter.optimizer_steps)
-
-    def _stop_if_asked(self, step: int) -> None:
-        if self.stop_signal is not None:
-            raise Interrupted(self.stop_signal, step)
+        if signum:
+            raise Interrupted(signum, counter.optimizer_steps)
 
     def save(self, counter: StepCounter, running: Mapping[str, Any]) -> None:
         # Never keep a checkpoint of a diverged model: the loss check may be sparse on GPU.

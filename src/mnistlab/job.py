@@ -84,7 +84,8 @@ def setup(cfg: DictConfig, out_dir: Path, rank: int = 0, world_size: int = 1) ->
     cadence = Cadence.of(plan.total_steps, *steps, has_bn=has_bn)
     extra = _callbacks(cfg.callbacks)
     every = t.checkpoint_every_n_steps
-    ckpt = Checkpointer(out_dir, model, optimizer, config, every, rank=rank, listeners=extra)
+    agree = distributed.any_rank if world_size > 1 else int  # ranks stop at one step
+    ckpt = Checkpointer(out_dir, model, optimizer, config, every, rank, extra, agree)
     monitor = bnstats.Monitor(
         model, train.x, batch_size=t.batch_size, cadence=cadence, probe_samples=b.probe_samples,
         seed=t.seed, precision=t.precision, rank=rank, world_size=world_size,
