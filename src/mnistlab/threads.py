@@ -69,6 +69,9 @@ def busy_seconds(cores: set[int]) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+NOISE_CORES = 0.75  # others' load on our cores below this does not take a thread away
+
+
 class ThreadGovernor(LoopCallback):
     """Follows other processes' load on our cores: ``threads`` = the cores they leave free
     (at least 1, at most ``most``), re-measured every ``every_s`` seconds of training.
@@ -88,9 +91,10 @@ class ThreadGovernor(LoopCallback):
         return time.monotonic(), busy_seconds(self.cores), own.user + own.system
 
     def threads_for(self, others: float) -> int:
-        """Threads to use while other processes use ``others`` cores of ours (a quarter of
-        a core of background noise is ignored)."""
-        return max(1, min(self.most, self.most - math.ceil(others - 0.25)))
+        """Threads to use while other processes use ``others`` cores of ours: one core less
+        per core they keep busy (up to three quarters of a core is background noise, such as
+        W&B's service process)."""
+        return max(1, min(self.most, self.most - math.ceil(others - NOISE_CORES)))
 
     def on_step(self, step: int) -> None:
         import torch
