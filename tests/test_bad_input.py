@@ -114,7 +114,7 @@ def test_config_mistake_is_one_line(case: str, tmp_path: Path) -> None:
         (["dataset.limit_train=5000"], ["dataset.limit_train=5000", "1437 samples"]),
         (
             ["trainer.batch_size=2000", "trainer.drop_last=true"],
-            ["trainer.batch_size=2000", "at most 1437", "drop_last"],
+            ["trainer.batch_size=2000", "at most 1293", "drop_last"],  # 1437 less validation
         ),
         (["trainer.resume=true"], ["trainer.resume=True", "no checkpoint at"]),
     ],

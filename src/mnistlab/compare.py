@@ -86,8 +86,23 @@ def to_csv(rows: list[dict[str, Any]], columns: Sequence[str] = COLUMNS) -> str:
     return buf.getvalue()
 
 
+def with_objective(columns: Sequence[str], metric: str) -> list[str]:
+    """``columns`` with the objective's column (``objective.metric``) right after ``status``."""
+    rest = [c for c in columns if c != metric]
+    at = rest.index("status") + 1
+    return [*rest[:at], metric, *rest[at:]]
+
+
+def best(rows: list[dict[str, Any]], metric: str, direction: str) -> dict[str, Any] | None:
+    """The row with the best value of ``metric`` (``objective.direction``), or None."""
+    scored = [r for r in rows if _number(r.get(metric)) is not None]
+    pick = max if direction == "maximize" else min
+    return pick(scored, key=lambda r: r[metric]) if scored else None
+
+
 class SweepSummary(Callback):
-    """At the end of a ``-m`` sweep: write ``sweep_summary.csv``; exit non-zero if a job failed."""
+    """At the end of a ``-m`` sweep: write ``sweep_summary.csv`` (with the objective's column)
+    and name the best job; exit non-zero if a job failed."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -96,8 +111,13 @@ class SweepSummary(Callback):
         keys = differing_overrides(rows)
         for row in rows:
             row.update(parse_overrides(row["overrides"]))
-        columns = ["run", *keys, *COLUMNS[1:]]
+        metric, direction = config.objective.metric, config.objective.direction
+        columns = ["run", *keys, *with_objective(COLUMNS[1:], metric)]
         atomic_write_bytes(sweep_dir / "sweep_summary.csv", to_csv(rows, columns).encode())
+        top = best(rows, metric, direction)
+        if top is not None:
+            log.info("best job by %s (%s): %s = %.4g [%s]", metric, direction, top["run"],
+                     top[metric], top["overrides"])  # fmt: skip
         offline = offline_wandb_runs(runs)
         if offline:
             log.info(

@@ -22,6 +22,9 @@ class DatasetConfig:
     download: bool = True
     limit_train: int | None = None
     limit_test: int | None = None
+    # Carved from the training split (after limit_train): a count (int >= 1) or a fraction
+    # (float in (0, 1)); 0 or null: no validation split. Any: OmegaConf has no int | float.
+    val_size: Any = 0.1
 
 
 @dataclass
@@ -53,6 +56,21 @@ class OptimizerConfig:
     nesterov: bool = False
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     fused: bool = True
+
+
+@dataclass
+class SchedulerConfig:
+    """The learning rate over the run's optimizer steps (``optimizer.lr`` is its peak); each
+    choice in ``conf/scheduler/`` uses the keys its comment names."""
+
+    name: str = "constant"
+    warmup_steps: int | None = None  # warmup_cosine, onecycle; null: warmup_fraction of the run
+    warmup_fraction: float = 0.05  # warmup_cosine, onecycle (torch's pct_start)
+    step_size: int | None = None  # step: optimizer steps between decays; null: a third of the run
+    gamma: float = 0.1  # step: the factor at each decay
+    min_lr: float = 0.0  # cosine, warmup_cosine: where the cosine ends
+    div_factor: float = 25.0  # onecycle: the first step's rate is lr / div_factor
+    final_div_factor: float = 1e4  # onecycle: the last step's rate is that / final_div_factor
 
 
 @dataclass
@@ -102,7 +120,7 @@ class LoggerConfig:
 class ObjectiveConfig:
     """What a sweep optimises: the final metric the job returns, and which way is better."""
 
-    metric: str = "test/acc"
+    metric: str = "val/acc"
     direction: str = "maximize"
 
 
@@ -112,6 +130,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     regularizer: RegularizerConfig = field(default_factory=RegularizerConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     bn_stats: BNStatsConfig = field(default_factory=BNStatsConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
@@ -139,6 +158,20 @@ def micro_batch(effective: int, grad_accum: int) -> int:
 
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULERS = ("constant", "step", "cosine", "onecycle", "warmup_cosine")
+# Final metrics (``summary.json["final"]``) a sweep may optimise; a test checks a run's final
+# holds each. The test set is reported, never optimised: no test/* metric is here.
+OBJECTIVES = (
+    "val/acc",
+    "val/loss",
+    "train/acc",
+    "train/loss",
+    "reg/penalty",
+    "weights/l1_norm",
+    "weights/l2_norm",
+    "weights/sparsity_exact",
+    "bn/gap_mean",
+)
 ACCELERATORS = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16")
 PROGRESS = ("auto", "bar", "lines", "none")
@@ -223,6 +256,53 @@ def _one_of(key: str, value: Any, allowed: tuple[str, ...]) -> None:
         raise ConfigError(key, value, "one of " + ", ".join(allowed))
 
 
+def _check_val_size(value: Any) -> None:
+    """The ranges of ``dataset.val_size``; whether the data can be split so is the data's
+    check (``data.val_count``), which knows the training split's size and classes."""
+    allowed = "a count (an integer >= 1), a fraction in (0, 1), or 0/null for no split"
+    if isinstance(value, bool) or not isinstance(value, (int, float, type(None))):
+        raise ConfigError("dataset.val_size", value, allowed)
+    if value is not None and (value < 0 or (isinstance(value, float) and value >= 1)):
+        raise ConfigError("dataset.val_size", value, allowed)
+
+
+def _check_scheduler(s: Any, lr: float) -> None:
+    """What each schedule's keys may be; checks against the run's length are the builder's."""
+    _one_of("scheduler.name", s.name, SCHEDULERS)
+    if s.warmup_steps is not None:
+        _at_least("scheduler.warmup_steps", s.warmup_steps, 0)
+    if not 0.0 <= s.warmup_fraction < 1.0:
+        raise ConfigError("scheduler.warmup_fraction", s.warmup_fraction, "a number in [0, 1)")
+    if s.step_size is not None:
+        _at_least("scheduler.step_size", s.step_size, 1)
+    if not 0.0 < s.gamma <= 1.0:
+        raise ConfigError("scheduler.gamma", s.gamma, "a number in (0, 1]")
+    if not 0.0 <= s.min_lr <= lr:
+        raise ConfigError("scheduler.min_lr", s.min_lr, f"a number in [0, optimizer.lr={lr}]")
+    for key in ("div_factor", "final_div_factor"):
+        if s[key] < 1.0:
+            raise ConfigError(f"scheduler.{key}", s[key], "a number >= 1")
+
+
+def _check_objective(cfg: Any) -> None:
+    """A metric the final summary holds for this config, and never a test metric."""
+    metric, names = cfg.objective.metric, ", ".join(OBJECTIVES)
+    if "test" in metric:
+        allowed = f"not a test metric (the test set is reported, never optimised): one of {names}"
+        raise ConfigError("objective.metric", metric, allowed)
+    _one_of("objective.metric", metric, OBJECTIVES)
+    if metric.startswith("val/") and not cfg.dataset.val_size:
+        raise ConfigError(
+            "objective.metric",
+            metric,
+            f"a metric the run has: dataset.val_size={cfg.dataset.val_size} turns the "
+            "validation split off; set dataset.val_size (e.g. 0.1) or objective.metric=train/loss",
+        )
+    if metric.startswith("bn/") and not cfg.model.bn:
+        allowed = "a metric the run has: model.bn=false has no BatchNorm statistics"
+        raise ConfigError("objective.metric", metric, allowed)
+
+
 def validate(cfg: Any) -> None:
     """Check every range Hydra's types can't; raise the first problem as a ConfigError."""
     t, m, r, o, d, b = (
@@ -266,9 +346,11 @@ def validate(cfg: Any) -> None:
         raise ConfigError("optimizer.lr", o.lr, "a number > 0")
     if not 0.0 <= o.momentum < 1.0:
         raise ConfigError("optimizer.momentum", o.momentum, "a number in [0, 1)")
+    _check_scheduler(cfg.scheduler, o.lr)
     for key, lim in (("dataset.limit_train", d.limit_train), ("dataset.limit_test", d.limit_test)):
         if lim is not None:
             _at_least(key, lim, 1)
+    _check_val_size(d.val_size)
     if b.every_n_steps is not None:
         _at_least("bn_stats.every_n_steps", b.every_n_steps, 1)
     if b.probe_samples is not None:
@@ -276,6 +358,7 @@ def validate(cfg: Any) -> None:
     _one_of("logger.name", cfg.logger.name, LOGGERS)
     _one_of("logger.wandb.mode", cfg.logger.wandb.mode, WANDB_MODES)
     _one_of("objective.direction", cfg.objective.direction, DIRECTIONS)
+    _check_objective(cfg)
     if cfg.logger.wandb.log_every_n_steps is not None:
         _at_least("logger.wandb.log_every_n_steps", cfg.logger.wandb.log_every_n_steps, 1)
     check_known_keys(cfg)

@@ -16,6 +16,7 @@ from hydra import compose, initialize_config_dir
 from .config import register, validate
 from .data import train_size
 from .errors import report, user_message
+from .schedules import check as check_schedule
 from .steps import StepPlan
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -28,7 +29,9 @@ def plan_from_overrides(overrides: list[str]) -> tuple[StepPlan, int]:
         cfg = compose(config_name="config", overrides=overrides)
     validate(cfg)
     t = cfg.trainer
-    return StepPlan.from_config(t, train_size(cfg.dataset), t.devices * t.num_nodes), t.num_nodes
+    plan = StepPlan.from_config(t, train_size(cfg.dataset), t.devices * t.num_nodes)
+    check_schedule(cfg.scheduler, plan.total_steps)
+    return plan, t.num_nodes
 
 
 def main(argv: list[str] | None = None) -> int:
