@@ -26,7 +26,9 @@ QUICK = ("trainer.epochs=2", "dataset.limit_train=500", "trainer.num_threads=1",
         (["objective.metric=train_test_gap"], "never optimised"),
         (["objective.metric=accuracy"], "one of val/acc, val/loss, train/acc"),
         (["dataset.val_size=0"], "dataset.val_size=0 turns the validation split off"),
-        (["dataset.val_size=null", "objective.metric=val/loss"], "dataset.val_size=None turns"),
+        (["dataset.val_size=null", "objective.metric=val/acc"], "dataset.val_size=None turns"),
+        (["objective.metric=val/loss"], "objective.direction='maximize' is not allowed: minimize"),
+        (["objective.direction=minimize"], "maximize for objective.metric=val/acc"),
         (["model.bn=false", "objective.metric=bn/gap_mean"], "model.bn=false"),
         (["dataset.val_size=-1"], "dataset.val_size=-1 is not allowed: a count"),
         (["dataset.val_size=1.5"], "a fraction in (0, 1)"),
@@ -47,7 +49,7 @@ def test_default_objective_and_what_turns_the_split_off() -> None:
         cfg = compose(config_name="config")
     assert (cfg.objective.metric, cfg.objective.direction) == ("val/acc", "maximize")
     assert cfg.dataset.val_size == 0.1
-    plan, _ = plan_from_overrides(["dataset.val_size=0", "objective.metric=train/loss"])
+    plan, _ = plan_from_overrides(["dataset.val_size=0", "objective.metric=train/acc"])
     assert plan.num_samples == 1437  # no split: the whole training split
     assert plan_from_overrides([])[0].num_samples == 1293  # 1437 less ceil(143.7)
 

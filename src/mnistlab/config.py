@@ -296,11 +296,16 @@ def _check_objective(cfg: Any) -> None:
             "objective.metric",
             metric,
             f"a metric the run has: dataset.val_size={cfg.dataset.val_size} turns the "
-            "validation split off; set dataset.val_size (e.g. 0.1) or objective.metric=train/loss",
+            "validation split off; set dataset.val_size (e.g. 0.1) or objective.metric=train/acc",
         )
     if metric.startswith("bn/") and not cfg.model.bn:
         allowed = "a metric the run has: model.bn=false has no BatchNorm statistics"
         raise ConfigError("objective.metric", metric, allowed)
+    # a sweep that maximises a loss picks the worst job without a word: refuse it
+    implied = {"loss": "minimize", "acc": "maximize"}.get(metric.rpartition("/")[2])
+    if implied is not None and cfg.objective.direction != implied:
+        allowed = f"{implied} for objective.metric={metric}"
+        raise ConfigError("objective.direction", cfg.objective.direction, allowed)
 
 
 def validate(cfg: Any) -> None:

@@ -2,7 +2,8 @@
 
 Read it top to bottom: an *epoch* walks this rank's shard once; an *iteration* is one
 micro-batch forward and backward; a *step* is one optimizer update after ``grad_accum``
-micro-batches (the epoch's last window may be shorter and still steps). The window's loss is
+micro-batches (the epoch's last window may be shorter and still steps), and one step of the
+learning-rate schedule, if the run has one. The window's loss is
 the sum over its samples divided by the number of samples it really holds, so every update
 is the gradient of a true average. Losses and counts accumulate on the device and are read
 only when a row is logged, so the GPU path has no per-step host sync.
