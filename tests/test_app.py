@@ -26,11 +26,12 @@ def test_run_writes_files_and_counts_match_plan(tmp_path: Path) -> None:
     s = read_summary(run)
     assert s["status"] == "completed" and s["accounting_matches_plan"] is True
     plan = s["plan"]
-    # 1437 digits, batch 50: 29 micro-batches (last holds 37), windows of 3 -> 10 steps an epoch
-    assert (plan["micro_batches_per_epoch"], plan["steps_per_epoch"]) == (29, 10)
-    assert s["counted"]["total_steps"] == plan["total_steps"] == 20
-    assert s["counted"]["total_micro_batches"] == 58
-    assert rows[-1]["optimizer_step"] == 20 and rows[-1]["samples_seen"] == 2 * 1437
+    # 1437 digits less 144 for validation = 1293, batch 50: 26 micro-batches (last holds 43),
+    # windows of 3 (the last of 2) -> 9 steps an epoch
+    assert (plan["micro_batches_per_epoch"], plan["steps_per_epoch"]) == (26, 9)
+    assert s["counted"]["total_steps"] == plan["total_steps"] == 18
+    assert s["counted"]["total_micro_batches"] == 52
+    assert rows[-1]["optimizer_step"] == 18 and rows[-1]["samples_seen"] == 2 * 1293
     assert "Running training" in (run / "train.log").read_text()
 
 
@@ -103,7 +104,7 @@ def test_torchvision_dataset_through_the_app(tmp_path: Path, mnist_root: Path) -
     )
     assert p.returncode == 0, p.stderr
     s = read_summary(tmp_path / "run")
-    assert s["plan"]["num_samples"] == 600 and s["accounting_matches_plan"]
+    assert s["plan"]["num_samples"] == 540 and s["accounting_matches_plan"]  # 600 less 60
     assert s["final"]["test/acc"] > 0.5  # the generated classes are easy to tell apart
 
 
@@ -141,7 +142,7 @@ def test_multirun_writes_one_folder_per_job(tmp_path: Path) -> None:
     )
     assert p.returncode == 0, p.stderr
     steps = sorted(read_summary(sweep / str(i))["counted"]["total_steps"] for i in (0, 1))
-    assert steps == [46, 90]
+    assert steps == [42, 82]  # 1293 training digits at batch 32: 41 micro-batches an epoch
     assert (sweep / "sweep_summary.csv").is_file()
 
 
@@ -157,16 +158,18 @@ def test_plan_cli(tmp_path: Path) -> None:
             check=False,
         )
 
+    # 1000 samples less the validation part (100): N = 900
     p = plan("dataset.limit_train=1000", "trainer.batch_size=100", "trainer.epochs=1")
-    assert "Iterations (micro-batches) per epoch  = 10" in p.stdout
-    assert "Optimizer steps per epoch             = 10" in p.stdout
+    assert "Num examples (N)                      = 900" in p.stdout
+    assert "Iterations (micro-batches) per epoch  = 9" in p.stdout
+    assert "Optimizer steps per epoch             = 9" in p.stdout
     p = plan(
         "dataset.limit_train=1000",
         "trainer.batch_size=100",
         "trainer.epochs=1",
         "trainer.grad_accum=2",
     )
-    assert "Optimizer steps per epoch             = 5" in p.stdout
+    assert "Optimizer steps per epoch             = 5" in p.stdout  # windows 2,2,2,2,1
     p = plan(
         "dataset=mnist",
         "trainer.batch_size=64",
@@ -175,7 +178,8 @@ def test_plan_cli(tmp_path: Path) -> None:
         "trainer.num_nodes=2",
     )
     assert "World size (devices)                  = 16" in p.stdout
-    assert "Total optimizer steps                 = 590" in p.stdout  # ceil(3750/64)=59 per epoch
+    # 54000 to train (6000 validate): ceil(3375/64) = 53 per epoch
+    assert "Total optimizer steps                 = 530" in p.stdout
     bad = plan("trainer.nope=1")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "trainer.nope" in bad.stderr
 

@@ -140,13 +140,14 @@ def test_config_mistake_is_one_line(case: str, tmp_path: Path) -> None:
         (["dataset.limit_train=5000"], ["dataset.limit_train=5000", "1437 samples"]),
         (
             ["trainer.batch_size=2000", "trainer.drop_last=true"],
-            ["trainer.batch_size=2000", "at most 1437", "drop_last"],
+            ["trainer.batch_size=2000", "at most 1293", "drop_last"],  # 1437 less validation
         ),
         (["trainer.resume=true"], ["trainer.resume=True", "no checkpoint at"]),
-        # 1437 = 4 x 359 + 1: the last micro-batch would hold one sample, which BatchNorm
-        # cannot normalize in training
+        # 1293 = 4 x 323 + 1 (the digits less their validation part): the last micro-batch
+        # would hold one sample, which BatchNorm cannot normalize in training
         (["trainer.batch_size=4"], ["trainer.batch_size=4", "BatchNorm", "drop_last=true"]),
-        (["dataset.limit_train=1001", "trainer.batch_size=100"], ["trainer.batch_size=100"]),
+        # 1113 less its 10% validation part (112) is 1001 = 100 x 10 + 1
+        (["dataset.limit_train=1113", "trainer.batch_size=100"], ["trainer.batch_size=100"]),
         (["trainer.devices=2", "trainer.batch_size=2"], ["rank", "trainer.batch_size=2"]),
     ],
     ids=[

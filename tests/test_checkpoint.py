@@ -28,12 +28,14 @@ from conftest import ROOT, read_jsonl, read_summary, run_app
 from faults import KillAfterSave, KillAtMicroBatch, override
 from test_sweeps import leet
 
-# 200 samples, batch 16: 13 micro-batches per epoch in windows of 3,3,3,3,1 -> 5 steps per
-# epoch, 15 in all. Checkpoints at step 0, every 2 steps and at each epoch end; a row every
-# 3 steps, so most checkpoints fall between rows (the running sums must be carried).
+# 200 samples (220 less a validation part of 20), batch 16: 13 micro-batches per epoch in
+# windows of 3,3,3,3,1 -> 5 steps per epoch, 15 in all. Checkpoints at step 0, every 2 steps
+# and at each epoch end; a row every 3 steps, so most checkpoints fall between rows (the
+# running sums must be carried).
 TINY = (
     "trainer.epochs=3",
-    "dataset.limit_train=200",
+    "dataset.limit_train=220",
+    "dataset.val_size=20",
     "trainer.batch_size=16",
     "trainer.grad_accum=3",
     "trainer.checkpoint_every_n_steps=2",

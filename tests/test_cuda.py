@@ -70,7 +70,7 @@ def test_no_per_step_host_sync(tmp_path: Path) -> None:
     many, s_many = syncs_during_run(tmp_path / "b16", 16)
     assert s_few["status"] == s_many["status"] == "completed"
     extra_steps = s_many["plan"]["total_steps"] - s_few["plan"]["total_steps"]
-    assert extra_steps == 90
+    assert extra_steps == 80  # 1293 training digits: 41 and 81 micro-batches an epoch, 2 epochs
     assert many - few < extra_steps / 10, (few, many)
 
 

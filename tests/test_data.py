@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -12,11 +13,12 @@ import torch
 
 from mnistlab import data
 from mnistlab.config import DatasetConfig
+from mnistlab.errors import ConfigError
 
 
 def test_digits_split_is_fixed_stratified_and_normalized() -> None:
-    d = data.load(DatasetConfig())
-    assert len(d.train) == data.TRAIN_SIZES["digits"]
+    d = data.load(DatasetConfig(val_size=0))
+    assert len(d.train) == data.TRAIN_SIZES["digits"] and d.val is None
     assert len(d.train) + len(d.test) == 1797
     assert d.image_shape == (1, 8, 8)
     assert data.SHAPES["digits"] == (d.image_shape, d.num_classes)  # the report's table
@@ -41,7 +43,7 @@ def test_digits_match_scikit_learn_loader_and_split() -> None:
     x_tr, x_te, y_tr, y_te = train_test_split(
         bunch.images, bunch.target, test_size=0.2, stratify=bunch.target, random_state=0
     )
-    d = data.load(DatasetConfig())
+    d = data.load(DatasetConfig(val_size=0))
     assert torch.equal(d.train.y, torch.as_tensor(y_tr)) and torch.equal(
         d.test.y, torch.as_tensor(y_te)
     )
@@ -51,10 +53,73 @@ def test_digits_match_scikit_learn_loader_and_split() -> None:
     rng = np.random.default_rng(3)
     for seed in range(12):
         y = rng.integers(0, 7, 103)
-        frac = (0.1, 0.25, 0.3)[seed % 3]
+        frac = (0.1, 0.25, 0.3, 10, 31, 50)[seed % 6]  # fractions, and counts as ints
         ours = data.stratified_split(y, frac, seed)
         theirs = train_test_split(np.arange(len(y)), test_size=frac, stratify=y, random_state=seed)
         assert all(np.array_equal(a, b) for a, b in zip(ours, theirs, strict=True)), seed
+
+
+# --- the validation split -------------------------------------------------------------------
+
+
+def test_validation_part_is_carved_seeded_and_stratified_as_scikit_learn_would() -> None:
+    """The default split: 10% of the training split, stratified, with the fixed data seed;
+    the same as ``train_test_split`` of the training part, each part in its original order."""
+    from sklearn.model_selection import train_test_split
+
+    whole = data.load(DatasetConfig(val_size=0)).train
+    d = data.load(DatasetConfig())
+    assert d.val is not None and (len(d.train), len(d.val)) == (1293, 144)  # 144 = ceil(143.7)
+    idx = np.arange(len(whole))
+    theirs = train_test_split(idx, test_size=144, stratify=whole.y.numpy(), random_state=0)
+    for part, want in zip((d.train, d.val), theirs, strict=True):
+        rows = torch.as_tensor(np.sort(want))
+        assert torch.equal(part.x, whole.x[rows]) and torch.equal(part.y, whole.y[rows])
+    counts = torch.bincount(d.val.y, minlength=10)
+    assert int(counts.min()) >= 14 and int(counts.max()) <= 15  # each class its share
+    again = data.load(DatasetConfig(val_size=144))  # a count gives the same split
+    assert torch.equal(again.val.y, d.val.y) and torch.equal(again.train.x, d.train.x)
+
+
+def test_validation_part_comes_after_limit_train(mnist_root: Path) -> None:
+    cfg = DatasetConfig("mnist", str(mnist_root), False, limit_train=100, val_size=0.25)
+    d = data.load(cfg)
+    limited = data.load(DatasetConfig("mnist", str(mnist_root), False, 100, val_size=0)).train
+    assert d.val is not None and (len(d.train), len(d.val)) == (75, 25)
+    together = torch.cat([d.train.y, d.val.y]).sort().values
+    assert torch.equal(together, limited.y.sort().values)  # carved from the 100, not all 600
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"val_size": 0}, {"val_size": None}, {"val_size": 200}, {"val_size": 0.3},
+     {"limit_train": 500}, {"limit_train": 500, "val_size": 0.05}],
+)  # fmt: skip
+def test_train_size_is_what_training_gets(overrides: dict[str, Any]) -> None:
+    """``python -m mnistlab.plan``'s N (no data read) equals the training part loaded."""
+    cfg = DatasetConfig(**overrides)
+    d = data.load(cfg)
+    assert data.train_size(cfg) == len(d.train)
+    assert len(d.train) + (len(d.val) if d.val is not None else 0) == (cfg.limit_train or 1437)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        ({"val_size": 9}, "dataset.val_size=9 is not allowed: a count in [10, 1427]"),
+        ({"val_size": 1428}, "a count in [10, 1427]"),
+        ({"val_size": 0.999}, "dataset.val_size=0.999"),  # ceil leaves 1 sample to train
+        ({"limit_train": 15, "val_size": 0.5}, "15 training samples are too few"),
+    ],
+)
+def test_a_split_that_leaves_a_class_out_is_one_line(
+    overrides: dict[str, Any], needle: str
+) -> None:
+    cfg = DatasetConfig(**overrides)
+    for check in (data.train_size, data.load):
+        with pytest.raises(ConfigError) as e:
+            check(cfg)
+        assert needle in str(e.value) and "\n" not in str(e.value)
 
 
 def test_digits_fall_back_to_the_public_loader(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -77,7 +142,7 @@ def test_default_run_does_not_import_scikit_learn() -> None:
     [("mnist", "MNIST"), ("fashion_mnist", "FashionMNIST"), ("kmnist", "KMNIST")],
 )
 def test_torchvision_classes_read_generated_idx(mnist_root: Path, name: str, folder: str) -> None:
-    d = data.load(DatasetConfig(name, str(mnist_root), download=False))
+    d = data.load(DatasetConfig(name, str(mnist_root), download=False, val_size=0))
     assert len(d.train) == 600 and len(d.test) == 200
     assert d.image_shape == (1, 28, 28)
     assert data.SHAPES[name] == (d.image_shape, d.num_classes)
@@ -87,8 +152,8 @@ def test_torchvision_classes_read_generated_idx(mnist_root: Path, name: str, fol
 
 
 def test_limit_train_is_a_seeded_subset(mnist_root: Path) -> None:
-    a = data.load(DatasetConfig("mnist", str(mnist_root), False, limit_train=100))
-    b = data.load(DatasetConfig("mnist", str(mnist_root), False, limit_train=100))
+    a = data.load(DatasetConfig("mnist", str(mnist_root), False, limit_train=100, val_size=0))
+    b = data.load(DatasetConfig("mnist", str(mnist_root), False, limit_train=100, val_size=0))
     assert len(a.train) == 100
     assert torch.equal(a.train.x, b.train.x)
     with pytest.raises(data.DataError, match="limit_train"):

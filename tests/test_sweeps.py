@@ -254,7 +254,7 @@ def test_disabled_and_none_leave_no_wandb_files_and_joblib_divides_threads(tmp_p
         "hydra/launcher=joblib",
         "hydra.launcher.n_jobs=2",
         "trainer.epochs=1",
-        "dataset.limit_train=64",
+        "dataset.limit_train=100",  # the default validation part: 10, one of each digit
         "logger=none,wandb",
         "logger.wandb.mode=auto,disabled",
         env=no_credentials_env(tmp_path),

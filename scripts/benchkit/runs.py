@@ -58,7 +58,8 @@ def compose(overrides: list[str]) -> Any:
 
 
 def mnist_overrides(b: Bench, model: str, n: int, batch: int = 64, epochs: int = 1) -> list[str]:
-    """A run on the bench's MNIST-format data: ``n`` training samples, one test pass at the end."""
+    """A run on the bench's MNIST-format data: ``n`` samples of the training split (the default
+    validation part, 10% of them, is carved out), one test pass at the end."""
     return [
         "dataset=mnist",
         f"dataset.root={b.root}",

@@ -4,10 +4,10 @@ A checkpoint is taken only at an optimizer-step boundary (the end of an accumula
 so the position within an epoch is just the number of micro-batches already done in it: the
 data order of an epoch is a pure function of (seed, epoch, rank) (``loop.epoch_order``), and
 the loop skips the windows already done. ``checkpoints/last.pt`` holds the model (BN buffers
-included), the optimizer, the RNG states (torch, CUDA, numpy, python), the step counter, the
-running train loss/accuracy since the last logged row, the resolved config and how many bytes
-of ``metrics.jsonl`` were written, so a resumed run logs exactly the rows an uninterrupted
-one would.
+included), the optimizer, the learning-rate scheduler (if the run has one), the RNG states
+(torch, CUDA, numpy, python), the step counter, the running train loss/accuracy since the
+last logged row, the resolved config and how many bytes of ``metrics.jsonl`` were written, so
+a resumed run logs exactly the rows an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
 
 from .errors import ConfigError, Diverged, Interrupted
 from .files import atomic_write_bytes, flatten
@@ -53,6 +54,7 @@ MAY_CHANGE = (
     "trainer.checkpoint_every_n_steps",
     "optimizer.lr",
     "report",
+    "objective",  # only reads the final summary
 )
 
 
@@ -87,12 +89,14 @@ def save(
     config: Mapping[str, Any],
     metrics_bytes: int,
     extra: Mapping[str, Any] | None = None,
+    scheduler: LRScheduler | None = None,
 ) -> None:
     """Write ``path`` atomically: serialize in memory, then temp file, fsync, rename."""
     state = {
         "version": VERSION,
         "model": unwrap(model).state_dict(),
         "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "counter": asdict(counter),
         "running": {
             "loss": float(running["loss"]),
@@ -226,12 +230,18 @@ def resume_config(path: Path, cfg: Any, given: Sequence[str]) -> Any:
 
 
 def restore(
-    state: Mapping[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer
+    state: Mapping[str, Any],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: LRScheduler | None = None,
 ) -> tuple[StepCounter, dict[str, Any]]:
-    """Load model and optimizer; return the counter and running sums. RNG is set last, by
+    """Load model, optimizer and scheduler (after the optimizer: its rates are the
+    scheduler's); return the counter and running sums. RNG is set last, by
     :func:`set_rng_state`, just before the loop starts (building the model draws from it)."""
     unwrap(model).load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None:  # the config check guarantees the checkpoint has one too
+        scheduler.load_state_dict(state["scheduler"])
     return StepCounter(**state["counter"]), dict(state["running"])
 
 
@@ -264,8 +274,10 @@ class Checkpointer(Callback):
         rank: int = 0,
         listeners: Sequence[Callback] = (),
         agree: Callable[[int], int] = int,
+        scheduler: LRScheduler | None = None,
     ) -> None:
         self.path, self.model, self.optimizer = Path(out_dir) / LAST, model, optimizer
+        self.scheduler = scheduler
         self.config, self.every, self.listeners = config, every_n_steps, listeners
         self.write = rank == 0
         # Several ranks stop at the same step: each asks whether any rank got a signal.
@@ -306,6 +318,7 @@ class Checkpointer(Callback):
                 self.config,
                 size,
                 self.extra,
+                self.scheduler,
             )
         self.last_saved_step = counter.optimizer_steps
         for listener in self.listeners:

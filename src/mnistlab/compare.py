@@ -121,6 +121,20 @@ def _stat_fields(column: str) -> list[str]:
     return [f"{column}_mean", f"{column}_std", f"{column}_n"]
 
 
+def with_objective(columns: Sequence[str], metric: str) -> list[str]:
+    """``columns`` with the objective's column (``objective.metric``) right after ``status``."""
+    rest = [c for c in columns if c != metric]
+    at = rest.index("status") + 1
+    return [*rest[:at], metric, *rest[at:]]
+
+
+def best(rows: list[dict[str, Any]], metric: str, direction: str) -> dict[str, Any] | None:
+    """The row with the best value of ``metric`` (``objective.direction``), or None."""
+    scored = [r for r in rows if number(r.get(metric)) is not None]
+    pick = max if direction == "maximize" else min
+    return pick(scored, key=lambda r: r[metric]) if scored else None
+
+
 # --- the table ----------------------------------------------------------------------------------
 
 SHOWN = ("status", "test/acc", "bn/gap_mean", "counted_steps", "wall_s")

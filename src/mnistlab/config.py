@@ -23,6 +23,9 @@ class DatasetConfig:
     download: bool = True
     limit_train: int | None = None
     limit_test: int | None = None
+    # Carved from the training split (after limit_train): a count (int >= 1) or a fraction
+    # (float in (0, 1)); 0 or null: no validation split. Any: OmegaConf has no int | float.
+    val_size: Any = 0.1
 
 
 @dataclass
@@ -54,6 +57,21 @@ class OptimizerConfig:
     nesterov: bool = False
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     fused: bool = True
+
+
+@dataclass
+class SchedulerConfig:
+    """The learning rate over the run's optimizer steps (``optimizer.lr`` is its peak); each
+    choice in ``conf/scheduler/`` uses the keys its comment names."""
+
+    name: str = "constant"
+    warmup_steps: int | None = None  # warmup_cosine, onecycle; null: warmup_fraction of the run
+    warmup_fraction: float = 0.05  # warmup_cosine, onecycle (torch's pct_start)
+    step_size: int | None = None  # step: optimizer steps between decays; null: a third of the run
+    gamma: float = 0.1  # step: the factor at each decay
+    min_lr: float = 0.0  # cosine, warmup_cosine: where the cosine ends
+    div_factor: float = 25.0  # onecycle: the first step's rate is lr / div_factor
+    final_div_factor: float = 1e4  # onecycle: the last step's rate is that / final_div_factor
 
 
 @dataclass
@@ -105,7 +123,7 @@ class LoggerConfig:
 class ObjectiveConfig:
     """What a sweep optimises: the final metric the job returns, and which way is better."""
 
-    metric: str = "test/acc"
+    metric: str = "val/acc"
     direction: str = "maximize"
 
 
@@ -115,6 +133,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     regularizer: RegularizerConfig = field(default_factory=RegularizerConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     bn_stats: BNStatsConfig = field(default_factory=BNStatsConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
@@ -145,6 +164,20 @@ def micro_batch(effective: int, grad_accum: int) -> int:
 
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULERS = ("constant", "step", "cosine", "onecycle", "warmup_cosine")
+# Final metrics (``summary.json["final"]``) a sweep may optimise; a test checks a run's final
+# holds each. The test set is reported, never optimised: no test/* metric is here.
+OBJECTIVES = (
+    "val/acc",
+    "val/loss",
+    "train/acc",
+    "train/loss",
+    "reg/penalty",
+    "weights/l1_norm",
+    "weights/l2_norm",
+    "weights/sparsity_exact",
+    "bn/gap_mean",
+)
 ACCELERATORS = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16")
 PROGRESS = ("auto", "bar", "lines", "none")
@@ -290,6 +323,13 @@ NUMBERS: dict[str, Num] = {
     "bn_stats.every_n_steps": OPTIONAL_COUNT,
     "bn_stats.probe_samples": OPTIONAL_COUNT,
     "logger.wandb.log_every_n_steps": OPTIONAL_COUNT,
+    "scheduler.warmup_steps": Num(0, integer=True, optional=True),
+    "scheduler.warmup_fraction": FRACTION,
+    "scheduler.step_size": OPTIONAL_COUNT,
+    "scheduler.gamma": Num(0, 1, low_open=True),
+    "scheduler.min_lr": Num(0),
+    "scheduler.div_factor": Num(1),
+    "scheduler.final_div_factor": Num(1),
 }
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -302,6 +342,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "logger.name": LOGGERS,
     "logger.wandb.mode": WANDB_MODES,
     "objective.direction": DIRECTIONS,
+    "scheduler.name": SCHEDULERS,
 }
 
 
@@ -326,6 +367,48 @@ def _values(cfg: Any, key: str) -> list[tuple[str, Any]]:
     return [(f"{key[:-2]}[{i}]", v) for i, v in enumerate(items)]
 
 
+def _check_val_size(value: Any) -> None:
+    """The ranges of ``dataset.val_size``; whether the data can be split so is the data's
+    check (``data.val_count``), which knows the training split's size and classes."""
+    allowed = "a count (an integer >= 1), a fraction in (0, 1), or 0/null for no split"
+    if isinstance(value, bool) or not isinstance(value, (int, float, type(None))):
+        raise ConfigError("dataset.val_size", value, allowed)
+    bad = value is not None and (not math.isfinite(value) or value < 0)
+    if bad or (isinstance(value, float) and value >= 1):
+        raise ConfigError("dataset.val_size", value, allowed)
+
+
+def _check_scheduler(s: Any, lr: float) -> None:
+    """What the NUMBERS table cannot say of a schedule; checks against the run's length are
+    the builder's (``schedules.check``)."""
+    if not s.min_lr <= lr:  # its range is in NUMBERS; the bound is the optimizer's rate
+        raise ConfigError("scheduler.min_lr", s.min_lr, f"a number in [0, optimizer.lr={lr}]")
+
+
+def _check_objective(cfg: Any) -> None:
+    """A metric the final summary holds for this config, and never a test metric."""
+    metric, names = cfg.objective.metric, ", ".join(OBJECTIVES)
+    if "test" in metric:
+        allowed = f"not a test metric (the test set is reported, never optimised): one of {names}"
+        raise ConfigError("objective.metric", metric, allowed)
+    check_choice("objective.metric", metric, OBJECTIVES)
+    if metric.startswith("val/") and not cfg.dataset.val_size:
+        raise ConfigError(
+            "objective.metric",
+            metric,
+            f"a metric the run has: dataset.val_size={cfg.dataset.val_size} turns the "
+            "validation split off; set dataset.val_size (e.g. 0.1) or objective.metric=train/acc",
+        )
+    if metric.startswith("bn/") and not cfg.model.bn:
+        allowed = "a metric the run has: model.bn=false has no BatchNorm statistics"
+        raise ConfigError("objective.metric", metric, allowed)
+    # a sweep that maximises a loss picks the worst job without a word: refuse it
+    implied = {"loss": "minimize", "acc": "maximize"}.get(metric.rpartition("/")[2])
+    if implied is not None and cfg.objective.direction != implied:
+        allowed = f"{implied} for objective.metric={metric}"
+        raise ConfigError("objective.direction", cfg.objective.direction, allowed)
+
+
 def validate(cfg: Any) -> None:
     """Check every value Hydra's types can't (ranges, finiteness, choices, combinations);
     raise the first problem as one ConfigError line."""
@@ -342,6 +425,9 @@ def validate(cfg: Any) -> None:
     r, lr = cfg.regularizer, cfg.optimizer.lr
     if r.l2_mode == "decoupled" and lr * r.l2 >= 1:  # each step multiplies w by 1 - lr * l2
         raise ConfigError("regularizer.l2", r.l2, f"< 1/optimizer.lr = {1 / lr:g} when decoupled")
+    _check_scheduler(cfg.scheduler, lr)
+    _check_val_size(cfg.dataset.val_size)
+    _check_objective(cfg)
     _check_wandb(cfg.logger)
     check_known_keys(cfg)
 

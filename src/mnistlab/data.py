@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import UserError
+from .errors import ConfigError, UserError
 
 
 class DataError(UserError):
@@ -41,11 +41,12 @@ class Split:
 @dataclass(frozen=True)
 class Data:
     name: str
-    train: Split
+    train: Split  # what the model trains on: the plan's N
     test: Split
     num_classes: int
     mean: float
     std: float
+    val: Split | None = None  # carved from the training split (``dataset.val_size``)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -53,8 +54,8 @@ class Data:
         return int(c), int(h), int(w)
 
 
-# Dataset seed for the digits split and limit_* subsets: fixed, so every run of a sweep sees
-# the same data whatever its trainer.seed.
+# Dataset seed for the digits split, limit_* subsets and the validation split: fixed, so every
+# run of a sweep sees the same data whatever its trainer.seed.
 DATA_SEED = 0
 
 
@@ -99,12 +100,13 @@ def _approximate_mode(counts: np.ndarray, draws: int, rng: np.random.RandomState
 
 
 def stratified_split(
-    y: np.ndarray, test_fraction: float, seed: int
+    y: np.ndarray, test_size: float | int, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(train, test) indices: the split ``train_test_split(..., test_size=test_fraction,
-    stratify=y, random_state=seed)`` makes (a single ``StratifiedShuffleSplit``), step for step.
-    Written out so the default run needs no scikit-learn import; a test compares the two."""
-    n_test = math.ceil(test_fraction * len(y))
+    """(train, test) indices: the split ``train_test_split(..., test_size=test_size,
+    stratify=y, random_state=seed)`` makes (a single ``StratifiedShuffleSplit``), step for step:
+    a float is a fraction (rounded up), an int a count. Written out so the default run needs
+    no scikit-learn import; a test compares the two."""
+    n_test = test_size if isinstance(test_size, int) else math.ceil(test_size * len(y))
     n_train = len(y) - n_test
     _, y_idx = np.unique(y, return_inverse=True)
     counts = np.bincount(y_idx)
@@ -121,7 +123,7 @@ def stratified_split(
     return rng.permutation(train), rng.permutation(test)
 
 
-def _digits(root: str, download: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
+def _digits(root: str, download: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """scikit-learn's bundled 8x8 digits with a fixed, seeded, stratified 80/20 split."""
     images, target = _digits_arrays()
     train, test = stratified_split(target, 0.2, DATA_SEED)
@@ -132,7 +134,7 @@ def _digits(root: str, download: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, 
     def as_y(a: np.ndarray) -> Tensor:
         return torch.as_tensor(a, dtype=torch.int64)
 
-    return as_x(images[train]), as_y(target[train]), as_x(images[test]), as_y(target[test]), 10
+    return as_x(images[train]), as_y(target[train]), as_x(images[test]), as_y(target[test])
 
 
 # IDX element types (the magic number's third byte) and their sizes in bytes.
@@ -179,11 +181,10 @@ def _idx_problems(folder: Path) -> str | None:
     return None
 
 
-def _torchvision(class_name: str, num_classes: int, **kwargs: object) -> Callable:
-    """A loader that reads through torchvision's own dataset class (and its download path),
-    and checks what it read: one line naming the folder or file when something is wrong."""
+def _torchvision(class_name: str, **kwargs: object) -> Callable:
+    """A loader that reads through torchvision's own dataset class (and its download path)."""
 
-    def load(root: str, download: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
+    def load(root: str, download: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         import torchvision.datasets as tvd
 
         cls = getattr(tvd, class_name)
@@ -197,12 +198,8 @@ def _torchvision(class_name: str, num_classes: int, **kwargs: object) -> Callabl
                 raise _read_error(e, where, folder, class_name) from None
             x = torch.as_tensor(ds.data).to(torch.float32).div_(255.0).unsqueeze(1)
             y = torch.as_tensor(ds.targets).to(torch.int64).reshape(-1)
-            _check_split(x, y, num_classes, f"{where}: the {'train' if train else 'test'} split")
             splits += [x, y]
-        if splits[0].shape[1:] != splits[2].shape[1:]:
-            sizes = " vs ".join("x".join(map(str, s.shape[2:])) for s in splits[::2])
-            raise DataError(f"{where}: train and test images differ in size ({sizes}) in {folder}")
-        return splits[0], splits[1], splits[2], splits[3], num_classes
+        return splits[0], splits[1], splits[2], splits[3]
 
     return load
 
@@ -243,6 +240,18 @@ def _idx_count(path: Path) -> int | None:
     return int.from_bytes(path.read_bytes()[4:8], "big")
 
 
+def _check_content(name: str, root: str, arrays: tuple[Tensor, ...]) -> None:
+    """What a dataset's files held that no format check vouches for: both splits there, the
+    labels within the dataset's classes, one image size."""
+    x_tr, y_tr, x_te, y_te = arrays
+    where = f"dataset.root={root!r}" if name != "digits" else f"dataset.name={name!r}"
+    for split, (x, y) in (("train", (x_tr, y_tr)), ("test", (x_te, y_te))):
+        _check_split(x, y, NUM_CLASSES[name], f"{where}: the {split} split")
+    if x_tr.shape[1:] != x_te.shape[1:]:
+        sizes = " vs ".join("x".join(map(str, x.shape[2:])) for x in (x_tr, x_te))
+        raise DataError(f"{where}: train and test images differ in size ({sizes})")
+
+
 def _check_split(x: Tensor, y: Tensor, num_classes: int, what: str) -> None:
     """Content the IDX format cannot vouch for: a count, matching lengths, label values."""
     if len(y) == 0:
@@ -254,17 +263,18 @@ def _check_split(x: Tensor, y: Tensor, num_classes: int, what: str) -> None:
         raise DataError(f"{what} has labels {low}..{high}; this dataset's are 0..{num_classes - 1}")
 
 
-DATASETS: dict[str, Callable[[str, bool], tuple[Tensor, Tensor, Tensor, Tensor, int]]] = {
+DATASETS: dict[str, Callable[[str, bool], tuple[Tensor, Tensor, Tensor, Tensor]]] = {
     "digits": _digits,
-    "mnist": _torchvision("MNIST", 10),
-    "fashion_mnist": _torchvision("FashionMNIST", 10),
-    "kmnist": _torchvision("KMNIST", 10),
-    "emnist": _torchvision("EMNIST", 47, split="balanced"),
-    "qmnist": _torchvision("QMNIST", 10),
+    "mnist": _torchvision("MNIST"),
+    "fashion_mnist": _torchvision("FashionMNIST"),
+    "kmnist": _torchvision("KMNIST"),
+    "emnist": _torchvision("EMNIST", split="balanced"),
+    "qmnist": _torchvision("QMNIST"),
 }
 
 
-# Training-split sizes, so step plans need no data on disk (``python -m mnistlab.plan``).
+# Training-split sizes and class counts, so step plans and the validation split's checks need
+# no data on disk (``python -m mnistlab.plan``).
 TRAIN_SIZES = {
     "digits": 1437,
     "mnist": 60000,
@@ -272,6 +282,14 @@ TRAIN_SIZES = {
     "kmnist": 60000,
     "emnist": 112800,
     "qmnist": 60000,
+}
+NUM_CLASSES = {
+    "digits": 10,
+    "mnist": 10,
+    "fashion_mnist": 10,
+    "kmnist": 10,
+    "emnist": 47,
+    "qmnist": 10,
 }
 
 # Image shape (channels, height, width) and class count, so a model can be rebuilt from a
@@ -288,9 +306,12 @@ SHAPES: dict[str, tuple[tuple[int, int, int], int]] = {
 
 @functools.lru_cache(maxsize=4)
 def _load_full(name: str, root: str, download: bool) -> Data:
-    x_tr, y_tr, x_te, y_te, classes = DATASETS[name](root, download)
+    x_tr, y_tr, x_te, y_te = DATASETS[name](root, download)
+    _check_content(name, root, (x_tr, y_tr, x_te, y_te))
+    # Statistics of the whole training split, validation part included: two scalars, so the
+    # split changes no sample's values and ``val_size=0`` trains on exactly the same inputs.
     x_tr, x_te, mean, std = _normalize(x_tr, x_te)
-    return Data(name, Split(x_tr, y_tr), Split(x_te, y_te), classes, mean, std)
+    return Data(name, Split(x_tr, y_tr), Split(x_te, y_te), NUM_CLASSES[name], mean, std)
 
 
 def _check_limit(limit: int | None, size: int, key: str, name: str) -> int:
@@ -313,18 +334,55 @@ def _known(name: str) -> None:
         raise DataError(f"dataset.name={name!r} is not allowed: one of {', '.join(DATASETS)}")
 
 
+def val_count(val_size: Any, n: int, num_classes: int) -> int:
+    """The samples ``dataset.val_size`` carves from ``n`` training samples (0: no split): a
+    count, or a fraction rounded up as :func:`stratified_split` rounds it. The split is
+    stratified, so both parts must be able to hold a sample of every class."""
+    if not val_size:
+        return 0
+    count = val_size if isinstance(val_size, int) else math.ceil(val_size * n)
+    if num_classes <= count <= n - num_classes:
+        return count
+    if n < 2 * num_classes:
+        allowed = (
+            f"0 or null: {n} training samples are too few for a stratified split "
+            f"(each part needs one of each of {num_classes} classes)"
+        )
+    else:
+        allowed = (
+            f"a count in [{num_classes}, {n - num_classes}] or a fraction that gives one "
+            f"({n} training samples, {num_classes} classes: each part needs one of each), "
+            "or 0/null for no split"
+        )
+    raise ConfigError("dataset.val_size", val_size, allowed)
+
+
 def train_size(cfg: Any) -> int:
-    """The training samples a ``dataset`` config node gives, without reading any data (for
-    ``python -m mnistlab.plan``): the same checks as :func:`load`."""
+    """The samples a ``dataset`` config node trains on (the plan's N: the training split after
+    ``limit_train``, less the validation part), without reading any data (for ``python -m
+    mnistlab.plan``): the same checks as :func:`load`."""
     _known(cfg.name)
-    return _check_limit(cfg.limit_train, TRAIN_SIZES[cfg.name], "dataset.limit_train", cfg.name)
+    n = _check_limit(cfg.limit_train, TRAIN_SIZES[cfg.name], "dataset.limit_train", cfg.name)
+    return n - val_count(cfg.val_size, n, NUM_CLASSES[cfg.name])
+
+
+def _carve_val(split: Split, val_size: Any, num_classes: int) -> tuple[Split, Split | None]:
+    """(training part, validation part): seeded with :data:`DATA_SEED`, stratified by label,
+    each part in the split's own order."""
+    count = val_count(val_size, len(split), num_classes)
+    if count == 0:
+        return split, None
+    parts = stratified_split(split.y.numpy(), count, DATA_SEED)
+    train, val = (torch.as_tensor(np.sort(i)) for i in parts)
+    return Split(split.x[train], split.y[train]), Split(split.x[val], split.y[val])
 
 
 def load(cfg: Any) -> Data:
-    """The ``dataset`` config node's data as normalized in-memory tensors, with seeded
-    subsets if asked."""
+    """The ``dataset`` config node's data as normalized in-memory tensors: seeded subsets if
+    asked, then the validation part carved from the training split."""
     _known(cfg.name)
     full = _load_full(cfg.name, str(cfg.root), bool(cfg.download))
     train = _subset(full.train, cfg.limit_train, "dataset.limit_train", cfg.name)
+    train, val = _carve_val(train, cfg.val_size, full.num_classes)
     test = _subset(full.test, cfg.limit_test, "dataset.limit_test", cfg.name)
-    return Data(full.name, train, test, full.num_classes, full.mean, full.std)
+    return Data(full.name, train, test, full.num_classes, full.mean, full.std, val)

@@ -18,8 +18,9 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
 
-from . import bnstats, checkpoint, data, distributed, models, regularizers, sinks
+from . import bnstats, checkpoint, data, distributed, models, regularizers, schedules, sinks
 from .checkpoint import Checkpointer
 from .data import Split
 from .errors import ConfigError, Diverged, Interrupted
@@ -70,12 +71,11 @@ def setup(cfg: DictConfig, out_dir: Path, rank: int = 0, world_size: int = 1) ->
     torch.manual_seed(t.seed)  # before the model is built: its initial weights
     config: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
     resumed = checkpoint.load_for_resume(out_dir / checkpoint.LAST, config) if t.resume else None
-    plan, train, test, model = _data_and_model(cfg, device, rank, world_size)
+    plan, train, val, test, model = _data_and_model(cfg, device, rank, world_size)
     reg = regularizers.build(model, cfg.regularizer)
     optimizer = build_optimizer(cfg.optimizer, model.parameters())
-    counter, running = _restore(
-        resumed, model, optimizer, out_dir, rank, t.epochs, cfg.optimizer.lr
-    )
+    scheduler = schedules.build(cfg.scheduler, optimizer, plan.total_steps)  # None: constant
+    counter, running = _restore(resumed, cfg, model, optimizer, scheduler, out_dir, rank)
     net = distributed.wrap(model, device, world_size, cfg.model.sync_bn)  # DDP: world > 1
     model = models.unwrap(net)
 
@@ -85,7 +85,7 @@ def setup(cfg: DictConfig, out_dir: Path, rank: int = 0, world_size: int = 1) ->
     extra = _callbacks(cfg.callbacks)
     every = t.checkpoint_every_n_steps
     agree = distributed.any_rank if world_size > 1 else int  # ranks stop at one step
-    ckpt = Checkpointer(out_dir, model, optimizer, config, every, rank, extra, agree)
+    ckpt = Checkpointer(out_dir, model, optimizer, config, every, rank, extra, agree, scheduler)
     monitor = bnstats.Monitor(
         model, train.x, batch_size=t.batch_size, cadence=cadence, probe_samples=b.probe_samples,
         seed=t.seed, precision=t.precision, rank=rank, world_size=world_size,
@@ -106,27 +106,35 @@ def setup(cfg: DictConfig, out_dir: Path, rank: int = 0, world_size: int = 1) ->
     callbacks: list[Callback] = [monitor, ckpt, *extra]
     if t.num_threads == "auto" and device.type == "cpu":  # follow the machine's load
         callbacks.append(ThreadGovernor(most=torch.get_num_threads()))
-    loop = Loop(trained, optimizer, reg, plan, train, test, out, loop_cfg, callbacks)
+    loop = Loop(trained, optimizer, reg, plan, train, test, out, loop_cfg, callbacks, val,
+                scheduler)  # fmt: skip
     return Job(cfg, out_dir, world_size, plan, model, loop, monitor, ckpt, out, counter, running,
                resumed)  # fmt: skip
 
 
 def _restore(
     resumed: dict[str, Any] | None,
+    cfg: DictConfig,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
+    scheduler: LRScheduler | None,
     out_dir: Path,
     rank: int,
-    epochs: int,
-    lr: float,
 ) -> tuple[StepCounter, dict[str, Any] | None]:
-    """Model and optimizer from the checkpoint; where training stands (a fresh start when
-    there is none). ``metrics.jsonl`` loses the rows the resumed run will log again."""
+    """Model, optimizer and scheduler from the checkpoint; where training stands (a fresh
+    start when there is none). ``metrics.jsonl`` loses the rows the resumed run logs again."""
     if resumed is None:
         return StepCounter(), None
-    counter, running = checkpoint.restore(resumed, model, optimizer)
-    for group in optimizer.param_groups:  # optimizer.lr may change on resume (after a blow-up)
-        group["lr"] = lr
+    epochs = cfg.trainer.epochs
+    schedules.check_resume(cfg.scheduler, resumed["config"]["trainer"]["epochs"], epochs)
+    counter, running = checkpoint.restore(resumed, model, optimizer, scheduler)
+    lr, saved_lr = cfg.optimizer.lr, resumed["config"]["optimizer"]["lr"]
+    if lr != saved_lr:  # the way out after a divergence: a lower rate from here on
+        if scheduler is not None:
+            allowed = f"the run's own {saved_lr} with scheduler={cfg.scheduler.name}"
+            raise ConfigError("optimizer.lr", lr, allowed)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
     if counter.epochs > epochs:
         raise ConfigError("trainer.epochs", epochs, f"at least {counter.epochs} (epochs done)")
     if rank == 0:
@@ -138,21 +146,25 @@ def _restore(
 
 def _data_and_model(
     cfg: DictConfig, device: torch.device, rank: int, world_size: int
-) -> tuple[StepPlan, Split, Split, nn.Module]:
-    """The data on the device, the step plan over it, and the model for its images."""
+) -> tuple[StepPlan, Split, Split | None, Split, nn.Module]:
+    """The data on the device (training part, validation part or None, test), the step plan
+    over the training part, and the model for its images."""
     ds = data.load(cfg.dataset)
-    train, test = (Split(s.x.to(device), s.y.to(device)) for s in (ds.train, ds.test))
-    smallest = models.smallest_batch(cfg.model)
-    plan = StepPlan.from_config(cfg.trainer, len(train), world_size, smallest)
-    if rank == 0:
-        log.info("\n%s", plan.banner(cfg.trainer.num_nodes))
     model = models.build(cfg.model, ds.image_shape, ds.num_classes, cfg.regularizer.dropout)
     model = model.to(device)
     layout = models.memory_format(model, device)
     if layout == torch.channels_last:
         model = model.to(memory_format=layout)
-        train, test = (Split(s.x.contiguous(memory_format=layout), s.y) for s in (train, test))
-    return plan, train, test, model
+
+    def place(s: Split) -> Split:
+        return Split(s.x.to(device).contiguous(memory_format=layout), s.y.to(device))
+
+    train, test = place(ds.train), place(ds.test)
+    val = place(ds.val) if ds.val is not None else None
+    plan = StepPlan.from_config(cfg.trainer, len(train), world_size)
+    if rank == 0:
+        log.info("\n%s", plan.banner(cfg.trainer.num_nodes))
+    return plan, train, val, test, model
 
 
 def _callbacks(nodes: DictConfig) -> list[Callback]:
@@ -263,8 +275,11 @@ def summarize(
         job.sinks.log(position(counter, job.plan) | bn_row, kind="bn")
     final_test = test_metrics()
     final_train = evaluate(net, job.loop.train, t.eval_batch_size, t.precision)
+    val = job.loop.val
+    final_val = evaluate(net, val, t.eval_batch_size, t.precision) if val is not None else {}
     summary.update(_accounting(job, counter))
     summary["final"] = {
+        **{f"val/{k}": v for k, v in final_val.items()},
         "test/loss": final_test["loss"],
         "test/acc": final_test["acc"],
         "train/loss": final_train["loss"],

@@ -2,7 +2,8 @@
 
 Read it top to bottom: an *epoch* walks this rank's shard once; an *iteration* is one
 micro-batch forward and backward; a *step* is one optimizer update after ``grad_accum``
-micro-batches (the epoch's last window may be shorter and still steps). The window's loss is
+micro-batches (the epoch's last window may be shorter and still steps), and one step of the
+learning-rate schedule, if the run has one. The window's loss is
 the sum over its samples divided by the number of samples it really holds, so every update
 is the gradient of a true average. Losses and counts accumulate on the device and are read
 only when a row is logged, so the GPU path has no per-step host sync.
@@ -24,6 +25,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.optim.lr_scheduler import LRScheduler
 
 from .callbacks import Callback
 from .data import Split
@@ -139,6 +141,8 @@ class Loop:
     sinks: RowSink
     cfg: LoopConfig
     callbacks: Sequence[Callback] = ()
+    val: Split | None = None  # evaluated beside test at every evaluation; None: no split
+    scheduler: LRScheduler | None = None  # stepped once per optimizer step; None: constant
 
     def fit(self, counter: StepCounter | None = None, running: dict[str, Any] | None = None) -> Fit:
         """Train for ``plan.epochs`` epochs; return what was really counted, and timings.
@@ -176,11 +180,14 @@ class Loop:
                     for c in self.callbacks:
                         c.on_micro_batch(counter)
 
+                lr = self.optimizer.param_groups[0]["lr"]  # this step's rate, for its row
                 self.optimizer.step()
-                self.regularizer.after_step(self.optimizer.param_groups[0]["lr"])
+                self.regularizer.after_step(lr)  # proximal L1 / decoupled decay: same rate
+                if self.scheduler is not None:  # the next step's rate
+                    self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 counter.optimizer_steps += 1
-                self._after_step(counter, run, result)
+                self._after_step(counter, run, result, lr)
 
             counter.epochs += 1
             self._end_epoch(counter, result)
@@ -188,8 +195,9 @@ class Loop:
                 c.on_epoch_end(counter, run)
         return result
 
-    def _after_step(self, counter: StepCounter, run: Running, result: Fit) -> None:
-        """The finite-loss check, this step's row (on the cadence), the boundary callbacks."""
+    def _after_step(self, counter: StepCounter, run: Running, result: Fit, lr: float) -> None:
+        """The finite-loss check, this step's row (on the cadence, with the rate ``lr`` the
+        step used), the boundary callbacks."""
         step, cadence = counter.optimizer_steps, self.cfg.cadence
         if step == 1:
             result.timings.update(first_step_at=time.perf_counter(), first_step_unix=time.time())
@@ -204,7 +212,7 @@ class Loop:
         if on_row:
             row["train/loss"] = float(run.loss) / max(1, run.count)
             row["train/acc"] = float(run.correct) / max(1, run.count)
-            row["lr"] = self.optimizer.param_groups[0]["lr"]
+            row["lr"] = lr
             if not torch.isfinite(run.loss):
                 raise Diverged(step, float(run.loss))
             run.loss.zero_(), run.correct.zero_()
@@ -215,13 +223,17 @@ class Loop:
             c.on_step_end(counter, run)
 
     def _end_epoch(self, counter: StepCounter, result: Fit) -> None:
-        """Evaluate on the epoch cadence and always after the last epoch."""
+        """Evaluate on the epoch cadence and always after the last epoch: the validation
+        part (what a sweep selects on), the test set (reported) and a slice of training."""
         every, test, train = self.cfg.eval_every_n_epochs, self.test, self.train
         if counter.epochs % every and counter.epochs != self.plan.epochs:
             return
         t0 = time.perf_counter()
         args = (self.cfg.eval_batch_size, self.cfg.precision)
-        row = {f"test/{k}": v for k, v in evaluate(self.model, test, *args).items()}
+        row: dict[str, Any] = {}
+        if self.val is not None:
+            row |= {f"val/{k}": v for k, v in evaluate(self.model, self.val, *args).items()}
+        row |= {f"test/{k}": v for k, v in evaluate(self.model, test, *args).items()}
         # Train accuracy in eval mode on a test-sized slice: the train-test gap, cheaply.
         part = Split(train.x[: len(test)], train.y[: len(test)])
         row |= {f"train_eval/{k}": v for k, v in evaluate(self.model, part, *args).items()}

@@ -17,6 +17,7 @@ from .config import register, validate
 from .data import train_size
 from .errors import report, user_message
 from .models import smallest_batch
+from .schedules import check as check_schedule
 from .steps import StepPlan
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -30,7 +31,9 @@ def plan_from_overrides(overrides: list[str]) -> tuple[StepPlan, int]:
     validate(cfg)
     t = cfg.trainer
     world, smallest = t.devices * t.num_nodes, smallest_batch(cfg.model)
-    return StepPlan.from_config(t, train_size(cfg.dataset), world, smallest), t.num_nodes
+    plan = StepPlan.from_config(t, train_size(cfg.dataset), world, smallest)
+    check_schedule(cfg.scheduler, plan.total_steps)
+    return plan, t.num_nodes
 
 
 def main(argv: list[str] | None = None) -> int:

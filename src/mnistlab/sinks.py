@@ -72,7 +72,8 @@ class ConsoleSink:
             return
         if self.bar is not None:
             self.bar.update(row["optimizer_step"] - self.bar.n)
-            shown = {k: v for k, v in row.items() if k in ("train/loss", "test/acc", "epoch")}
+            keys = ("train/loss", "val/acc", "test/acc", "epoch")
+            shown = {k: v for k, v in row.items() if k in keys}
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
         step, evaluation = row.get("optimizer_step", 0), kind == "eval"
         if self.bar is None and not evaluation and step < self.next_line:

@@ -41,14 +41,14 @@ class Sweep(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         _check_launcher(config.hydra.launcher)
         for sig in STOP_SIGNALS:
-            signal.signal(sig, Stop(Path(config.hydra.sweep.dir)))
+            signal.signal(sig, Stop(Path(config.hydra.sweep.dir), config.objective))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         for sig in STOP_SIGNALS:
             signal.signal(
                 sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL
             )
-        if write_summary(Path(config.hydra.sweep.dir)):
+        if write_summary(Path(config.hydra.sweep.dir), config.objective):
             sys.exit(1)
 
 
@@ -61,17 +61,20 @@ def _check_launcher(launcher: Any) -> None:
         sys.exit(report(str(ConfigError("hydra.launcher.n_jobs", 0, allowed))))
 
 
-def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
-    """``sweep_summary.csv``: one row per job folder, with the overrides that differ. Returns
-    the rows of jobs that did not complete (logged)."""
+def write_summary(sweep_dir: Path, objective: Any) -> list[dict[str, Any]]:
+    """``sweep_summary.csv``: one row per job folder, the overrides that differ and the
+    objective's column (``objective.metric``); logs the best job. Returns the rows of the jobs
+    that did not complete (logged)."""
     from .compare import (
         COLUMNS,
+        best,
         differing_overrides,
         find_runs,
         offline_wandb_runs,
         parse_overrides,
         row_of,
         to_csv,
+        with_objective,
     )
     from .files import atomic_write_bytes
 
@@ -80,9 +83,13 @@ def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
     keys = differing_overrides(rows)
     for row in rows:
         row.update(parse_overrides(row["overrides"]))
-    atomic_write_bytes(
-        sweep_dir / "sweep_summary.csv", to_csv(rows, ["run", *keys, *COLUMNS[1:]]).encode()
-    )
+    metric, direction = objective.metric, objective.direction
+    columns = ["run", *keys, *with_objective(COLUMNS[1:], metric)]
+    atomic_write_bytes(sweep_dir / "sweep_summary.csv", to_csv(rows, columns).encode())
+    top = best(rows, metric, direction)
+    if top is not None:
+        log.info("best job by %s (%s): %s = %.4g [%s]", metric, direction, top["run"],
+                 top[metric], top["overrides"])  # fmt: skip
     offline = offline_wandb_runs(runs)
     if offline:
         log.info("W&B: %d offline runs; upload them with: wandb sync %s", len(offline),
@@ -102,11 +109,11 @@ def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
 class Stop:
     """The sweep's SIGTERM/SIGINT handler in the process that runs the sweep."""
 
-    def __init__(self, sweep_dir: Path) -> None:
-        self.sweep_dir = sweep_dir
+    def __init__(self, sweep_dir: Path, objective: Any) -> None:
+        self.sweep_dir, self.objective = sweep_dir, objective
 
     def __call__(self, signum: int, frame: Any) -> None:
-        stop(signum, self.sweep_dir)
+        stop(signum, self.sweep_dir, self.objective)
 
 
 def stop_if_sweeping(signum: int) -> None:
@@ -117,7 +124,7 @@ def stop_if_sweeping(signum: int) -> None:
         handler(signum, None)
 
 
-def stop(signum: int, sweep_dir: Path) -> None:
+def stop(signum: int, sweep_dir: Path, objective: Any) -> None:
     """Stop the whole sweep: pass the signal on to the job processes, give them
     :data:`GRACE_S` seconds to checkpoint, kill what is left, write the summary, exit."""
     name = signal.Signals(signum).name
@@ -129,7 +136,7 @@ def stop(signum: int, sweep_dir: Path) -> None:
         time.sleep(0.1)
     for pid in _alive(children):
         _signal(pid, signal.SIGKILL)
-    write_summary(sweep_dir)
+    write_summary(sweep_dir, objective)
     resume = "run the same command again with trainer.resume=true (and the same hydra.sweep.dir)"
     print(f"sweep interrupted by {name}: {sweep_dir / 'sweep_summary.csv'}; to continue, {resume}",
           file=sys.stderr, flush=True)  # fmt: skip
