@@ -45,7 +45,7 @@ COLUMNS = (
 )
 
 
-def find_runs(paths: list[Path]) -> list[Path]:
+def find_runs(paths: list[Path], warn: bool = True) -> list[Path]:
     """Every folder under ``paths`` (or ``paths`` themselves) that holds a readable
     ``summary.json``; a damaged one is skipped with one warning line, so one broken run does
     not hide the others."""
@@ -55,16 +55,16 @@ def find_runs(paths: list[Path]) -> list[Path]:
             found.append(p)
         else:
             found += sorted((s.parent for s in p.rglob("summary.json")), key=_natural)
-    return [run for run in found if _readable(run)]
+    return [run for run in found if _readable(run, warn)]
 
 
-def _readable(run: Path) -> bool:
+def _readable(run: Path, warn: bool) -> bool:
     try:
         ok = isinstance(json.loads((run / "summary.json").read_text()), dict)
         problem = "" if ok else "not a JSON object"
     except (OSError, UnicodeDecodeError, ValueError) as e:
         problem = str(e).splitlines()[0] if str(e) else type(e).__name__
-    if problem:
+    if problem and warn:
         print(f"warning: skipping {run}: summary.json unreadable ({problem})", file=sys.stderr)
     return not problem
 
@@ -449,7 +449,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"wrote {out}")
     except CompareError as e:
         return report(str(e))
-    offline = offline_wandb_runs(find_runs(list(args.paths)))
+    offline = offline_wandb_runs(find_runs(list(args.paths), warn=False))
     if offline:
         print(
             f"\nW&B: {len(offline)} offline run(s). Browse one: wandb leet {offline[0].parent}; "
