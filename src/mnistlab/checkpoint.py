@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import ConfigError, Diverged, Interrupted
+from .errors import ConfigError, Diverged, Interrupted, UserError
 from .files import atomic_write_bytes, flatten
 from .loop import Callback, Running
 from .models import unwrap
@@ -120,6 +120,24 @@ def may_change(key: str) -> bool:
     return any(key == k or key.startswith(k + ".") for k in MAY_CHANGE)
 
 
+class CheckpointError(UserError):
+    """A checkpoint that is missing, unreadable, or not for this model: one line naming it."""
+
+
+def read(path: Path) -> dict[str, Any]:
+    """The checkpoint at ``path`` (tensors on the CPU), or a CheckpointError saying why not."""
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated file, a checkpoint from elsewhere, a foreign file
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path} is not a readable checkpoint ({msg})") from None
+    if not isinstance(state, dict) or state.get("version") != VERSION:
+        raise CheckpointError(f"{path} is not a mnistlab checkpoint v{VERSION}")
+    return state
+
+
 def load_for_resume(path: Path, config: Mapping[str, Any]) -> dict[str, Any]:
     """The checkpoint to resume from, or one ConfigError line saying why there is none."""
     if not path.is_file():
@@ -129,14 +147,9 @@ def load_for_resume(path: Path, config: Mapping[str, Any]) -> dict[str, Any]:
             f"no checkpoint at {path}; point hydra.run.dir at the folder of the run to resume",
         )
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a checkpoint from elsewhere, or a foreign file
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ConfigError(
-            "trainer.resume", True, f"{path} is not a readable checkpoint ({msg})"
-        ) from None
-    if not isinstance(state, dict) or state.get("version") != VERSION:
-        raise ConfigError("trainer.resume", True, f"{path} is not a mnistlab checkpoint v{VERSION}")
+        state = read(path)
+    except CheckpointError as e:
+        raise ConfigError("trainer.resume", True, str(e)) from None
     diffs = config_differences(state["config"], config)
     if diffs:
         raise ConfigError(
@@ -148,12 +161,25 @@ def load_for_resume(path: Path, config: Mapping[str, Any]) -> dict[str, Any]:
     return state
 
 
+def load_weights(state: Mapping[str, Any], model: nn.Module, path: Path | None = None) -> None:
+    """The checkpoint's weights and BN buffers into ``model``, or a CheckpointError when they
+    don't fit it (a config whose model differs from the one that was saved)."""
+    try:
+        unwrap(model).load_state_dict(state["model"])
+    except RuntimeError as e:
+        reason = str(e).strip().splitlines()
+        raise CheckpointError(
+            f"{path or 'the checkpoint'} does not fit the model of this config "
+            f"({reason[-1].strip()})"
+        ) from None
+
+
 def restore(
     state: Mapping[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer
 ) -> tuple[StepCounter, dict[str, Any]]:
     """Load model and optimizer; return the counter and running sums. RNG is set last, by
     :func:`set_rng_state`, just before the loop starts (building the model draws from it)."""
-    unwrap(model).load_state_dict(state["model"])
+    load_weights(state, model)
     optimizer.load_state_dict(state["optimizer"])
     return StepCounter(**state["counter"]), dict(state["running"])
 

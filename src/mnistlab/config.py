@@ -154,7 +154,7 @@ def one_line(exc: BaseException) -> str:
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     if exc.__cause__ is not None:
         lines += [ln.strip() for ln in str(exc.__cause__).splitlines() if ln.strip()][:1]
-    skip = ("full_key", "object_type", "Set the env", "To append")
+    skip = ("full_key", "object_type", "reference_type", "Set the env", "To append")
     keep = [ln.rstrip(".") for ln in lines if not ln.startswith(skip)]
     return ": ".join(dict.fromkeys(keep[:3]))
 
@@ -185,8 +185,9 @@ def hydra_error_line(exc: BaseException) -> str:
     first = str(exc).splitlines()[0] if str(exc) else ""
     if "raised while resolving interpolation: " in first:  # e.g. a resolver's ConfigError
         return first.split("raised while resolving interpolation: ", 1)[1]
-    cause = exc.__cause__
-    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and cause.full_key:
+    key_errors = (ConfigKeyError, ConfigAttributeError)  # Hydra's carry OmegaConf's as cause
+    cause = exc if isinstance(exc, key_errors) else exc.__cause__
+    if isinstance(cause, key_errors) and cause.full_key:
         parent, _, _ = str(cause.full_key).rpartition(".")
         allowed = _schema_keys(parent)
         if allowed:
