@@ -9,10 +9,25 @@ say (``batch_size >= 1``, a momentum in (0, 1]) is checked by :func:`validate`, 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
 from .threads import resolve_threads
+
+
+def _conf_dir() -> Path:
+    """Where Hydra reads the config groups. A wheel ships the repository's top-level ``conf/``
+    inside the package (``mnistlab/conf``, pyproject's ``package-dir``); a source checkout, as
+    the editable install and ``PYTHONPATH=src`` use it, has it two levels above this file. An
+    absolute path, so every entry (``python -m``, the console scripts, tab completion) finds
+    it from any folder."""
+    here = Path(__file__).resolve().parent
+    packaged = here / "conf"
+    return packaged if packaged.is_dir() else here.parents[1] / "conf"
+
+
+CONF_DIR = _conf_dir()
 
 
 @dataclass
