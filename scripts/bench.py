@@ -47,7 +47,7 @@ from benchkit.common import Bench, Row, console_line, markdown  # noqa: E402
 from benchkit.gpu import row_cuda  # noqa: E402
 from benchkit.loops import train_flops_per_sample  # noqa: E402
 from benchkit.overheads import row_overheads_default, row_overheads_mnist  # noqa: E402
-from benchkit.processes import row_startup, row_sweep, row_threads  # noqa: E402
+from benchkit.processes import row_load, row_startup, row_sweep, row_threads  # noqa: E402
 from benchkit.runs import write_idx  # noqa: E402
 from benchkit.speed import (  # noqa: E402
     row_flops,
@@ -72,6 +72,7 @@ ROWS: list[Callable[[Bench], list[Row]]] = [
     row_startup,
     row_sweep,
     row_threads,
+    row_load,
     row_cuda,
 ]
 
@@ -97,6 +98,8 @@ ROW_NAMES = [
     "sweep_10_jobs",
     "threads_1_vs_2",
     "threads_oversubscribed",
+    "threads_auto_under_load",
+    "threads_auto_alone",
 ]
 
 

@@ -66,3 +66,29 @@ class RaiseAtStep(Callback):
         if me == self.rank and step == self.step:
             raise RuntimeError(f"injected fault at optimizer step {step} (rank {me})")
         return None
+
+
+class KillInJob(Callback):
+    """SIGKILL the process at micro-batch ``at`` of sweep job ``kill`` only; ``job`` is the
+    running job's number (``${hydra:job.num}``). Jobs of Hydra's basic launcher run inside the
+    sweep's process, so this kills the whole sweep mid-trial."""
+
+    def __init__(self, job: int, kill: int, at: int = 1) -> None:
+        self.armed, self.at = job == kill, at
+
+    def on_micro_batch(self, counter: StepCounter) -> None:
+        if self.armed and counter.micro_batches == self.at:
+            _die()
+
+
+class RaiseInJob(Callback):
+    """Sweep job ``fail`` raises after its first optimizer step (``job`` as in
+    :class:`KillInJob`): one trial of a search that fails."""
+
+    def __init__(self, job: int, fail: int) -> None:
+        self.job, self.armed = job, job == fail
+
+    def on_step(self, step: int) -> dict[str, Any] | None:
+        if self.armed:
+            raise RuntimeError(f"injected fault in sweep job {self.job}")
+        return None

@@ -91,6 +91,32 @@ CASES = {
         ["-m", "model=mlp,foo"],
         ["model='foo'", "one of cnn, lenet, mlp"],
     ),
+    # every number finite and in range, whatever the key
+    "nan lr": (["optimizer.lr=nan"], ["optimizer.lr=nan", "finite number > 0"]),
+    "inf lr": (["optimizer.lr=inf"], ["optimizer.lr=inf", "finite number > 0"]),
+    "nan l1": (["regularizer=l1", "regularizer.l1=nan"], ["regularizer.l1=nan", "finite"]),
+    "inf l2": (["regularizer.l2=inf"], ["regularizer.l2=inf", "finite number >= 0"]),
+    "momentum 1": (["optimizer.momentum=1.0"], ["optimizer.momentum=1.0", "[0, 1)"]),
+    "adam beta": (
+        ["optimizer=adam", "optimizer.betas=[0.9,1.5]"],
+        ["optimizer.betas[1]=1.5", "[0, 1)"],
+    ),
+    "negative seed": (["trainer.seed=-1"], ["trainer.seed=-1", "integer in [0, "]),
+    "hidden width": (["model.hidden=[64,0]"], ["model.hidden[1]=0", ">= 1"]),
+    "decoupled decay too strong": (
+        ["regularizer.l2_mode=decoupled", "regularizer.l2=100"],
+        ["regularizer.l2=100", "1/optimizer.lr = 20"],
+    ),
+    "wandb project name": (["logger.wandb.project=a/b"], ["logger.wandb.project='a/b'", "/"]),
+    "preset without +": (["experiment=bn_momentum"], ["experiment", "+experiment=bn_momentum"]),
+    "joblib n_jobs 0": (
+        ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=0"],
+        ["hydra.launcher.n_jobs=0", "negative to count back"],
+    ),
+    "unknown callback": (
+        ["+callbacks.x._target_=no.such.Thing"],
+        ["callbacks.x._target_='no.such.Thing'"],
+    ),
 }
 
 
@@ -120,8 +146,20 @@ def test_config_mistake_is_one_line(case: str, tmp_path: Path) -> None:
             ["trainer.batch_size=2000", "at most 1437", "drop_last"],
         ),
         (["trainer.resume=true"], ["trainer.resume=True", "no checkpoint at"]),
+        # 1437 = 4 x 359 + 1: the last micro-batch would hold one sample, which BatchNorm
+        # cannot normalize in training
+        (["trainer.batch_size=4"], ["trainer.batch_size=4", "BatchNorm", "drop_last=true"]),
+        (["dataset.limit_train=1001", "trainer.batch_size=100"], ["trainer.batch_size=100"]),
+        (["trainer.devices=2", "trainer.batch_size=2"], ["rank", "trainer.batch_size=2"]),
     ],
-    ids=["limit_train too large", "batch larger than shard", "resume without checkpoint"],
+    ids=[
+        "limit_train too large",
+        "batch larger than shard",
+        "resume without checkpoint",
+        "one-sample last batch",
+        "one-sample last batch of a subset",
+        "one-sample last batch of two shards",
+    ],
 )
 def test_data_dependent_mistake_is_one_line(
     overrides: list[str], needles: list[str], tmp_path: Path

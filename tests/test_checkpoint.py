@@ -19,13 +19,14 @@ from typing import Any
 
 import pytest
 import torch
-from faults import KillAfterSave, KillAtMicroBatch, override
 
 from mnistlab import checkpoint
 from mnistlab.errors import ConfigError, Diverged
 from mnistlab.steps import StepCounter
 
 from conftest import ROOT, read_jsonl, read_summary, run_app
+from faults import KillAfterSave, KillAtMicroBatch, override
+from test_sweeps import leet
 
 # 200 samples, batch 16: 13 micro-batches per epoch in windows of 3,3,3,3,1 -> 5 steps per
 # epoch, 15 in all. Checkpoints at step 0, every 2 steps and at each epoch end; a row every
@@ -264,6 +265,13 @@ def test_sigterm_writes_checkpoint_and_exits_cleanly(tmp_path: Path) -> None:
            "trainer.log_every_n_steps=1", "trainer.resume=true"))  # fmt: skip
     folders = sorted((tmp_path / "wandb").glob("offline-run-*"))
     assert len(folders) == 2 and len({d.name.rsplit("-", 1)[-1] for d in folders}) == 1
+    # and keeps the first attempt's name and group (not "trainer.epochs=... trainer.resume=true")
+    first, again = (next(r["run"] for r in leet(d) if r["type"] == "run") for d in folders)
+    assert first["display_name"] == "trainer.epochs=200 trainer.num_threads=1 +1 more"
+    assert (again["display_name"], again["run_group"]) == (
+        first["display_name"],
+        first["run_group"],
+    )
 
 
 @pytest.mark.slow

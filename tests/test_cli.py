@@ -175,7 +175,7 @@ def test_a_plain_pip_install_finds_its_configs_from_any_folder(tmp_path: Path) -
     pytest.importorskip("setuptools", reason="--no-build-isolation builds with this setuptools")
     source = tmp_path / "source"
     source.mkdir()
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "setup.py", "README.md"):
         shutil.copy(ROOT / name, source / name)
     for name in ("src", "conf"):
         shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from faults import RaiseAtStep, override
 from hydra import compose, initialize_config_dir
 
 from mnistlab import distributed
@@ -24,6 +23,7 @@ from mnistlab.config import CONF_DIR, register
 from mnistlab.errors import ConfigError
 
 from conftest import ROOT, read_jsonl, read_summary, run_app
+from faults import RaiseAtStep, override
 
 TINY = ("trainer.epochs=2", "trainer.num_threads=1", "trainer.progress=none")
 CPU_CORES = len(os.sched_getaffinity(0))

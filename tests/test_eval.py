@@ -93,6 +93,11 @@ def test_a_missing_or_damaged_run_is_one_error_line(
     data = ckpt.read_bytes()
     ckpt.write_bytes(data[: len(data) // 2])  # a copy cut short
     assert "is not a readable checkpoint" in _one_error_line(capsys, str(tmp_path / "run"))
+    _tiny_checkpoint(tmp_path / "run")
+    state = torch.load(ckpt, weights_only=True)
+    next(iter(state["model"].values())).add_(1.0)  # contents no longer match the digest
+    torch.save(state, ckpt)
+    assert "is damaged" in _one_error_line(capsys, str(ckpt))
     torch.save({"weights": torch.zeros(3)}, ckpt)  # some other program's file
     assert "is not a mnistlab checkpoint" in _one_error_line(capsys, str(ckpt))
     assert not (tmp_path / "run" / "eval.json").exists()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -128,3 +129,27 @@ def test_compiled_model_is_not_recompiled_by_bn_points(tmp_path: Path) -> None:
     traced = [line for line in p.stderr.splitlines() if "Recompiling" in line and "bnstats" in line]
     assert not traced, traced
     assert "recompile_limit" not in p.stderr and "cache_size_limit" not in p.stderr
+
+
+def test_thread_governor_gives_way_to_a_busy_process() -> None:
+    """``trainer.num_threads=auto`` follows the load: a process that keeps one of our cores
+    busy leaves one thread to training (two spinning OpenMP threads beside it would crawl)."""
+    from mnistlab.threads import ThreadGovernor, cpu_cores
+
+    if cpu_cores() < 2:
+        pytest.skip("needs 2 cores")
+    gov = ThreadGovernor(most=2, every_s=0.0)
+    assert [gov.threads_for(x) for x in (0.0, 0.2, 0.9, 1.5, 3.0)] == [2, 2, 1, 1, 1]
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)  # the hog is running
+        gov.last = gov._sample()
+        time.sleep(1.0)  # this process idles: the busy core is the hog's
+        gov.on_step(1)
+        assert torch.get_num_threads() == 1 and gov.changes == 1
+    finally:
+        hog.kill()
+        hog.wait()
+        torch.set_num_threads(before)

@@ -147,3 +147,46 @@ def _concurrent_rate(b: Bench, overrides: list[str], k: int) -> float:
     for p in procs:
         wait(p)
     return sum(read_summary(d)["timings"]["samples_per_s"] for d in dirs)
+
+
+def row_load(b: Bench) -> list[Row]:
+    """``trainer.num_threads=auto`` beside a second CPU-heavy process (another default run)
+    and alone, against a fixed 2 threads alone: the thread governor's two promises."""
+    if b.device == "cuda" or cpu_cores() < 2:
+        return [Row("threads_auto_under_load", "n/a (CPU only, 2+ cores)")]
+    n = b.n(10000, 640)
+    over = mnist_overrides(b, "mlp", n, batch=64)
+    alone = {k: _app_rate(b, over, k, f"alone-{k}") for k in ("2", "auto")}
+    other = app(train_cmd(f"hydra.run.dir={b.work / 'load-other'}", *mnist_overrides(
+        b, "mlp", n, batch=64, epochs=3)), cpu_cores())  # fmt: skip
+    try:
+        loaded = _app_rate(b, over, "auto", "loaded")
+    finally:
+        wait(other)
+    return [
+        Row(
+            "threads_auto_under_load",
+            f"{fmt_rate(loaded)} vs {fmt_rate(alone['auto'])} alone",
+            ratio=f"{loaded / alone['auto']:.2f}x",
+            target=">= 0.50x",
+            ok=loaded / alone["auto"] >= 0.5,
+            note=f"auto beside another auto run (mnist mlp batch 64, {n} samples); the "
+            f"oversubscribed 2+2 threads row above is what auto avoids",
+        ),
+        Row(
+            "threads_auto_alone",
+            f"{fmt_rate(alone['auto'])} vs {fmt_rate(alone['2'])} at 2 threads",
+            ratio=f"{alone['auto'] / alone['2']:.2f}x",
+            target=">= 0.90x",
+            ok=alone["auto"] / alone["2"] >= 0.9,
+            note="auto alone: what following the load costs when there is none",
+        ),
+    ]
+
+
+def _app_rate(b: Bench, overrides: list[str], threads: str, name: str) -> float:
+    """One app process with ``trainer.num_threads=threads``: its training samples/s."""
+    d = b.work / f"load-{name}"
+    k = cpu_cores() if threads == "auto" else int(threads)
+    wait(app(train_cmd(f"hydra.run.dir={d}", *overrides, f"trainer.num_threads={threads}"), k))
+    return train_rate(read_summary(d))

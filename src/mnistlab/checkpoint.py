@@ -12,6 +12,7 @@ one would.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import random
@@ -35,19 +36,20 @@ from .steps import StepCounter
 LAST = Path("checkpoints") / "last.pt"
 VERSION = 1
 
-# Keys (and sections) that may differ between a run and its resumption: they change neither
-# the model nor the data order. ``trainer.epochs`` may grow, to extend a finished or running
-# training; ``callbacks`` observe the loop without changing it.
+# Settings of this process rather than of the training (``callbacks`` observe the loop): a
+# resumed run always takes them from its own command line.
+LOCAL = ("trainer.resume", "trainer.progress", "trainer.num_threads", "callbacks")
+# What a resumed run may change when its command line gives it: where the data is, how it is
+# logged, more epochs (to extend a finished or running training), another checkpoint
+# cadence, and a learning rate (the way out after a divergence). The rest is the checkpoint's.
 MAY_CHANGE = (
-    "trainer.resume",
-    "trainer.epochs",
-    "trainer.progress",
-    "trainer.num_threads",
-    "trainer.checkpoint_every_n_steps",
+    *LOCAL,
     "dataset.root",
     "dataset.download",
-    "logger.wandb.mode",
-    "callbacks",
+    "logger",
+    "trainer.epochs",
+    "trainer.checkpoint_every_n_steps",
+    "optimizer.lr",
 )
 
 
@@ -99,9 +101,73 @@ def save(
         "metrics_bytes": int(metrics_bytes),
         "extra": dict(extra or {}),
     }
+    state["digest"] = digest(state)  # checked on load: a damaged file is never trained from
     buf = io.BytesIO()
     torch.save(state, buf)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def digest(state: Mapping[str, Any]) -> str:
+    """SHA-256 over every tensor's bytes and every other value of ``state`` (but its own
+    ``digest``), in order: one flipped byte anywhere changes it."""
+    h = hashlib.sha256()
+
+    def feed(x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            h.update(f"<{x.dtype} {tuple(x.shape)}>".encode())
+            h.update(x.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(x, Mapping):
+            for k, v in x.items():
+                if k != "digest":
+                    h.update(f"[{k!r}]".encode())
+                    feed(v)
+        elif isinstance(x, (list, tuple)):
+            h.update(f"({len(x)}".encode())
+            for v in x:
+                feed(v)
+        else:
+            h.update(repr(x).encode())
+
+    feed(state)
+    return h.hexdigest()
+
+
+class CheckpointError(UserError):
+    """A checkpoint that is missing, unreadable, damaged or not for this model: one line."""
+
+
+def read(path: Path) -> dict[str, Any]:
+    """A checkpoint (tensors on the CPU) whose contents match the digest it was written with,
+    or a CheckpointError saying why not."""
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a checkpoint from elsewhere, or a damaged file
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path} is not a readable checkpoint ({msg})") from None
+    if not isinstance(state, dict) or state.get("version") != VERSION:
+        raise CheckpointError(f"{path} is not a mnistlab checkpoint v{VERSION}")
+    if state.get("digest") != digest(state):
+        raise CheckpointError(
+            f"{path} is damaged (its contents differ from the digest written with it) and "
+            "was not loaded; restore a copy, or start the run afresh in another folder"
+        )
+    return state
+
+
+def read_for_resume(path: Path) -> dict[str, Any]:
+    """:func:`read` for ``trainer.resume=true``: its errors as that key's ConfigError."""
+    if not path.is_file():
+        raise ConfigError(
+            "trainer.resume",
+            True,
+            f"no checkpoint at {path}; point hydra.run.dir at the folder of the run to resume",
+        )
+    try:
+        return read(path)
+    except CheckpointError as e:
+        raise ConfigError("trainer.resume", True, str(e)) from None
 
 
 def config_differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
@@ -120,36 +186,9 @@ def may_change(key: str) -> bool:
     return any(key == k or key.startswith(k + ".") for k in MAY_CHANGE)
 
 
-class CheckpointError(UserError):
-    """A checkpoint that is missing, unreadable, or not for this model: one line naming it."""
-
-
-def read(path: Path) -> dict[str, Any]:
-    """The checkpoint at ``path`` (tensors on the CPU), or a CheckpointError saying why not."""
-    if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated file, a checkpoint from elsewhere, a foreign file
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(f"{path} is not a readable checkpoint ({msg})") from None
-    if not isinstance(state, dict) or state.get("version") != VERSION:
-        raise CheckpointError(f"{path} is not a mnistlab checkpoint v{VERSION}")
-    return state
-
-
 def load_for_resume(path: Path, config: Mapping[str, Any]) -> dict[str, Any]:
     """The checkpoint to resume from, or one ConfigError line saying why there is none."""
-    if not path.is_file():
-        raise ConfigError(
-            "trainer.resume",
-            True,
-            f"no checkpoint at {path}; point hydra.run.dir at the folder of the run to resume",
-        )
-    try:
-        state = read(path)
-    except CheckpointError as e:
-        raise ConfigError("trainer.resume", True, str(e)) from None
+    state = read_for_resume(path)
     diffs = config_differences(state["config"], config)
     if diffs:
         raise ConfigError(
@@ -172,6 +211,39 @@ def load_weights(state: Mapping[str, Any], model: nn.Module, path: Path | None =
             f"{path or 'the checkpoint'} does not fit the model of this config "
             f"({reason[-1].strip()})"
         ) from None
+
+
+def resume_config(path: Path, cfg: Any, given: Sequence[str]) -> Any:
+    """The config a resumed run trains with: the checkpoint's own, except the keys in
+    :data:`LOCAL` and the keys the command line ``given`` (Hydra's task overrides) names,
+    which must agree with it unless they may change. So ``hydra.run.dir=<run folder>
+    trainer.resume=true`` alone resumes the run as it was configured."""
+    from omegaconf import OmegaConf
+
+    saved = flatten(read_for_resume(path)["config"])
+    now = flatten(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
+    named = [o.split("=", 1)[0].lstrip("+~") for o in given]
+
+    def explicit(key: str) -> bool:
+        return any(key == n or key.startswith(n + ".") for n in named)
+
+    refused = [
+        f"{k} ({saved[k]!r} -> {now.get(k, '<absent>')!r})"
+        for k in saved
+        if explicit(k) and not may_change(k) and saved[k] != now.get(k, "<absent>")
+    ]
+    if refused:
+        raise ConfigError(
+            "trainer.resume",
+            True,
+            f"{path} was written with a different config: {'; '.join(refused)} "
+            f"(only {', '.join(MAY_CHANGE)} may change; leave the rest out to keep the run's own)",
+        )
+    out = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    for key, value in saved.items():
+        if not explicit(key) and not any(key == k or key.startswith(k + ".") for k in LOCAL):
+            OmegaConf.update(out, key, value, merge=False, force_add=True)
+    return out
 
 
 def restore(

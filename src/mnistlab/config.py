@@ -8,6 +8,7 @@ say (``batch_size >= 1``, a momentum in (0, 1]) is checked by :func:`validate`, 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,10 +18,10 @@ from .threads import resolve_threads
 
 
 def _conf_dir() -> Path:
-    """Where Hydra reads the config groups. A wheel ships the repository's top-level ``conf/``
-    inside the package (``mnistlab/conf``, pyproject's ``package-dir``); a source checkout, as
-    the editable install and ``PYTHONPATH=src`` use it, has it two levels above this file. An
-    absolute path, so every entry (``python -m``, the console scripts, tab completion) finds
+    """Where Hydra reads the config groups. A wheel carries the repository's top-level
+    ``conf/`` inside the package (``mnistlab/conf``, copied by ``setup.py``); a source checkout,
+    as the editable install and ``PYTHONPATH=src`` use it, has it two levels above this file.
+    An absolute path, so every entry (``python -m``, the console scripts, tab completion) finds
     it from any folder."""
     here = Path(__file__).resolve().parent
     packaged = here / "conf"
@@ -105,6 +106,8 @@ class WandbConfig:
     entity: str | None = None
     tags: list[str] = field(default_factory=list)
     log_every_n_steps: int | None = None  # None: about ten training rows a run
+    quiet: bool = False  # W&B prints nothing and captures no console; the progress bar stays
+    log_checkpoint: bool = False  # the last checkpoint as a W&B model artifact at the end
 
 
 @dataclass
@@ -169,7 +172,7 @@ def one_line(exc: BaseException) -> str:
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     if exc.__cause__ is not None:
         lines += [ln.strip() for ln in str(exc.__cause__).splitlines() if ln.strip()][:1]
-    skip = ("full_key", "object_type", "reference_type", "Set the env", "To append")
+    skip = ("full_key", "object_type", "reference_type", "Set the env")  # Hydra's hints stay
     keep = [ln.rstrip(".") for ln in lines if not ln.startswith(skip)]
     return ": ".join(dict.fromkeys(keep[:3]))
 
@@ -229,69 +232,146 @@ def check_known_keys(cfg: Any) -> None:
     walk(cfg, "")
 
 
-def _at_least(key: str, value: Any, low: int) -> None:
-    if value < low:
-        raise ConfigError(key, value, f"an integer >= {low}")
+@dataclass(frozen=True)
+class Num:
+    """A numeric key's allowed values: finite, an integer if asked, between ``low`` and
+    ``high`` (each end open or closed), and null where ``optional``."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    integer: bool = False
+    optional: bool = False
+
+    def allows(self, v: Any) -> bool:
+        if v is None:
+            return self.optional
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            return False
+        if self.integer and int(v) != v:
+            return False
+        low_ok = self.low is None or (v > self.low if self.low_open else v >= self.low)
+        return low_ok and (
+            self.high is None or (v < self.high if self.high_open else v <= self.high)
+        )
+
+    def describe(self) -> str:
+        kind = "an integer" if self.integer else "a finite number"
+        if self.low is not None and self.high is not None:
+            left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+            text = f"{kind} in {left}{_num(self.low)}, {_num(self.high)}{right}"
+        elif self.low is not None:
+            text = f"{kind} {'>' if self.low_open else '>='} {_num(self.low)}"
+        else:
+            text = kind
+        return text + (", or null" if self.optional else "")
 
 
-def _one_of(key: str, value: Any, allowed: tuple[str, ...]) -> None:
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+COUNT = Num(1, integer=True)  # epochs, batch sizes, devices, intervals: at least one
+OPTIONAL_COUNT = Num(1, integer=True, optional=True)  # null: the default cadence or no limit
+FRACTION = Num(0, 1, high_open=True)  # probabilities and momenta that must stay below 1
+
+# Every numeric key and its range: checked before any work, by ``plan`` and ``train`` alike.
+# ``[]`` checks each element of a list.
+NUMBERS: dict[str, Num] = {
+    "trainer.epochs": COUNT,
+    "trainer.batch_size": COUNT,
+    "trainer.devices": COUNT,
+    "trainer.num_nodes": COUNT,
+    "trainer.grad_accum": COUNT,
+    "trainer.seed": Num(0, 2**32 - 1, integer=True),  # numpy's seed range too
+    "trainer.eval_every_n_epochs": COUNT,
+    "trainer.eval_batch_size": COUNT,
+    "trainer.log_every_n_steps": OPTIONAL_COUNT,
+    "trainer.checkpoint_every_n_steps": OPTIONAL_COUNT,
+    "model.hidden[]": COUNT,
+    "model.channels[]": COUNT,
+    "model.bn_momentum": Num(0, 1, low_open=True, optional=True),
+    "regularizer.l1": Num(0),
+    "regularizer.l2": Num(0),
+    "regularizer.dropout": FRACTION,
+    "optimizer.lr": Num(0, low_open=True),
+    "optimizer.momentum": FRACTION,
+    "optimizer.betas[]": FRACTION,
+    "dataset.limit_train": OPTIONAL_COUNT,
+    "dataset.limit_test": OPTIONAL_COUNT,
+    "bn_stats.every_n_steps": OPTIONAL_COUNT,
+    "bn_stats.probe_samples": OPTIONAL_COUNT,
+    "logger.wandb.log_every_n_steps": OPTIONAL_COUNT,
+}
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "trainer.accelerator": ACCELERATORS,
+    "trainer.precision": PRECISIONS,
+    "trainer.progress": PROGRESS,
+    "regularizer.l1_mode": L1_MODES,
+    "regularizer.l2_mode": L2_MODES,
+    "optimizer.name": OPTIMIZERS,
+    "logger.name": LOGGERS,
+    "logger.wandb.mode": WANDB_MODES,
+    "objective.direction": DIRECTIONS,
+}
+
+
+def check_number(key: str, value: Any, rule: Num) -> None:
+    """One key's value against its rule: a ConfigError line naming what is allowed."""
+    if not rule.allows(value):
+        raise ConfigError(key, value, rule.describe())
+
+
+def check_choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(key, value, "one of " + ", ".join(allowed))
 
 
+def _values(cfg: Any, key: str) -> list[tuple[str, Any]]:
+    """``(name, value)`` of a key, or of each element of a ``[]`` list key."""
+    from omegaconf import OmegaConf
+
+    if not key.endswith("[]"):
+        return [(key, OmegaConf.select(cfg, key))]
+    items = OmegaConf.select(cfg, key[:-2]) or []
+    return [(f"{key[:-2]}[{i}]", v) for i, v in enumerate(items)]
+
+
 def validate(cfg: Any) -> None:
-    """Check every range Hydra's types can't; raise the first problem as a ConfigError."""
-    t, m, r, o, d, b = (
-        cfg.trainer,
-        cfg.model,
-        cfg.regularizer,
-        cfg.optimizer,
-        cfg.dataset,
-        cfg.bn_stats,
-    )
-    _at_least("trainer.epochs", t.epochs, 1)
-    _at_least("trainer.batch_size", t.batch_size, 1)
-    _at_least("trainer.devices", t.devices, 1)
-    _at_least("trainer.num_nodes", t.num_nodes, 1)
-    _at_least("trainer.grad_accum", t.grad_accum, 1)
-    _at_least("trainer.eval_every_n_epochs", t.eval_every_n_epochs, 1)
-    _at_least("trainer.eval_batch_size", t.eval_batch_size, 1)
-    if t.log_every_n_steps is not None:
-        _at_least("trainer.log_every_n_steps", t.log_every_n_steps, 1)
-    if t.checkpoint_every_n_steps is not None:
-        _at_least("trainer.checkpoint_every_n_steps", t.checkpoint_every_n_steps, 1)
-    _one_of("trainer.accelerator", t.accelerator, ACCELERATORS)
-    _one_of("trainer.precision", t.precision, PRECISIONS)
-    _one_of("trainer.progress", t.progress, PROGRESS)
-    resolve_threads(t.num_threads)
+    """Check every value Hydra's types can't (ranges, finiteness, choices, combinations);
+    raise the first problem as one ConfigError line."""
+    for key, rule in NUMBERS.items():
+        for name, value in _values(cfg, key):
+            check_number(name, value, rule)
+    for key, allowed in CHOICES.items():
+        for name, value in _values(cfg, key):
+            check_choice(name, value, allowed)
+    resolve_threads(cfg.trainer.num_threads)
     from .models import check as check_model  # imports torch: only once a job runs
 
-    check_model(m)
-    if m.bn_momentum is not None and not 0.0 < m.bn_momentum <= 1.0:
-        raise ConfigError("model.bn_momentum", m.bn_momentum, "a number in (0, 1], or null")
-    if r.l1 < 0:
-        raise ConfigError("regularizer.l1", r.l1, "a number >= 0")
-    if r.l2 < 0:
-        raise ConfigError("regularizer.l2", r.l2, "a number >= 0")
-    if not 0.0 <= r.dropout < 1.0:
-        raise ConfigError("regularizer.dropout", r.dropout, "a number in [0, 1)")
-    _one_of("regularizer.l1_mode", r.l1_mode, L1_MODES)
-    _one_of("regularizer.l2_mode", r.l2_mode, L2_MODES)
-    _one_of("optimizer.name", o.name, OPTIMIZERS)
-    if o.lr <= 0:
-        raise ConfigError("optimizer.lr", o.lr, "a number > 0")
-    if not 0.0 <= o.momentum < 1.0:
-        raise ConfigError("optimizer.momentum", o.momentum, "a number in [0, 1)")
-    for key, lim in (("dataset.limit_train", d.limit_train), ("dataset.limit_test", d.limit_test)):
-        if lim is not None:
-            _at_least(key, lim, 1)
-    if b.every_n_steps is not None:
-        _at_least("bn_stats.every_n_steps", b.every_n_steps, 1)
-    if b.probe_samples is not None:
-        _at_least("bn_stats.probe_samples", b.probe_samples, 1)
-    _one_of("logger.name", cfg.logger.name, LOGGERS)
-    _one_of("logger.wandb.mode", cfg.logger.wandb.mode, WANDB_MODES)
-    _one_of("objective.direction", cfg.objective.direction, DIRECTIONS)
-    if cfg.logger.wandb.log_every_n_steps is not None:
-        _at_least("logger.wandb.log_every_n_steps", cfg.logger.wandb.log_every_n_steps, 1)
+    check_model(cfg.model)
+    r, lr = cfg.regularizer, cfg.optimizer.lr
+    if r.l2_mode == "decoupled" and lr * r.l2 >= 1:  # each step multiplies w by 1 - lr * l2
+        raise ConfigError("regularizer.l2", r.l2, f"< 1/optimizer.lr = {1 / lr:g} when decoupled")
+    _check_wandb(cfg.logger)
     check_known_keys(cfg)
+
+
+def _check_wandb(logger: Any) -> None:
+    """What W&B would refuse only after training started: a project name, or ``online``
+    without credentials (asks W&B's own lookup; nothing is sent)."""
+    project = logger.wandb.project
+    if not project or len(project) > 128 or any(c in project for c in "/\\#?%:"):
+        raise ConfigError("logger.wandb.project", project, "1-128 characters, none of / \\ # ? % :")
+    if logger.name == "wandb" and logger.wandb.mode == "online":
+        from .sinks import wandb_credentials
+
+        if not wandb_credentials():
+            raise ConfigError(
+                "logger.wandb.mode",
+                "online",
+                "no W&B credentials here (WANDB_API_KEY, or ~/.netrc from `wandb login`); run "
+                "`wandb login`, or use logger.wandb.mode=offline (or auto: offline without)",
+            )

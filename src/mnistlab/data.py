@@ -187,56 +187,78 @@ def _idx_problems(folder: Path) -> str | None:
 
 
 def _torchvision(class_name: str, num_classes: int, **kwargs: object) -> Callable:
-    """A loader that reads through torchvision's own dataset class (and its download path)."""
+    """A loader that reads through torchvision's own dataset class (and its download path),
+    and checks what it read: one line naming the folder or file when something is wrong."""
 
     def load(root: str, download: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
         import torchvision.datasets as tvd
 
         cls = getattr(tvd, class_name)
         folder = Path(root) / cls.__name__ / "raw"
+        where = f"dataset.root={root!r}"
         splits = []
         for train in (True, False):
             try:
                 ds = cls(root, train=train, download=download, **kwargs)
-            except RuntimeError as e:
-                if "error downloading" in str(e).lower():  # every mirror failed
-                    reason = str(e).strip().splitlines()[-1]
-                    raise DataError(
-                        f"dataset.download=true: downloading {class_name} into {folder} failed "
-                        f"({reason}); check the network, or place the IDX files there and set "
-                        "dataset.download=false"
-                    ) from None
-                if "not found" in str(e).lower():
-                    raise DataError(
-                        f"dataset.root={root!r}: {class_name} files not found in {folder}; "
-                        "set dataset.download=true or put the IDX files there"
-                    ) from None
-                problem = _idx_problems(folder)
-                if problem:
-                    raise DataError(
-                        f"dataset.root={root!r}: corrupt IDX file in {folder}: {problem}; "
-                        "delete it and download again"
-                    ) from None
-                raise DataError(f"dataset.root={root!r}: could not read {folder}: {e}") from None
-            except OSError as e:  # URLError, HTTPError and socket errors are OSErrors
-                raise DataError(
-                    f"dataset.download=true: downloading {class_name} into {folder} failed ({e}); "
-                    "check the network or place the IDX files there and set dataset.download=false"
-                ) from None
-            except (AssertionError, ValueError, IndexError, TypeError, KeyError) as e:
-                problem = _idx_problems(folder) or f"{type(e).__name__} {e}".strip()
-                raise DataError(
-                    f"dataset.root={root!r}: corrupt or truncated IDX file in {folder}: {problem}; "
-                    "delete it and download again"
-                ) from None
+            except Exception as e:
+                raise _read_error(e, where, folder, class_name) from None
             x = torch.as_tensor(ds.data).to(torch.float32).div_(255.0).unsqueeze(1)
             y = torch.as_tensor(ds.targets).to(torch.int64).reshape(-1)
-            if y.ndim != 1 or x.shape[0] != y.shape[0]:
-                raise DataError(f"dataset.root={root!r}: images and labels differ in {folder}")
+            _check_split(x, y, num_classes, f"{where}: the {'train' if train else 'test'} split")
             splits += [x, y]
+        if splits[0].shape[1:] != splits[2].shape[1:]:
+            sizes = " vs ".join("x".join(map(str, s.shape[2:])) for s in splits[::2])
+            raise DataError(f"{where}: train and test images differ in size ({sizes}) in {folder}")
         return splits[0], splits[1], splits[2], splits[3], num_classes
 
     return load
+
+
+def _read_error(e: Exception, where: str, folder: Path, name: str) -> DataError:
+    """torchvision's failure to read or download, as the one line that names the cause."""
+    text = str(e).lower()
+    if isinstance(e, OSError) and e.filename is not None:  # a local file, not the network
+        return DataError(f"{where}: cannot read {e.filename}: {e.strerror}; check its permissions")
+    if "error downloading" in text or isinstance(e, OSError):  # URLError, HTTPError, sockets
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        return DataError(
+            f"dataset.download=true: downloading {name} into {folder} failed ({reason}); check "
+            "the network, or place the IDX files there and set dataset.download=false"
+        )
+    if isinstance(e, RuntimeError) and "not found" in text:
+        return DataError(
+            f"{where}: {name} files not found in {folder}; "
+            "set dataset.download=true or put the IDX files there"
+        )
+    empty = [f.name for f in sorted(folder.glob("*idx*")) if _idx_count(f) == 0]
+    if empty:  # well-formed, but nothing in it: not corrupt, and not what the user wants
+        return DataError(
+            f"{where}: {empty[0]} in {folder} holds no samples (its header counts 0); "
+            "put the full file there, or delete it and download again"
+        )
+    problem = _idx_problems(folder) or f"{type(e).__name__} {e}".strip()
+    return DataError(
+        f"{where}: corrupt or truncated IDX file in {folder}: {problem}; "
+        "delete it and download again"
+    )
+
+
+def _idx_count(path: Path) -> int | None:
+    """The sample count of a well-formed IDX file (its first dimension), else None."""
+    if not path.is_file() or path.name.endswith(".gz") or idx_problem(path) is not None:
+        return None
+    return int.from_bytes(path.read_bytes()[4:8], "big")
+
+
+def _check_split(x: Tensor, y: Tensor, num_classes: int, what: str) -> None:
+    """Content the IDX format cannot vouch for: a count, matching lengths, label values."""
+    if len(y) == 0:
+        raise DataError(f"{what} holds no samples: its IDX files are empty")
+    if y.ndim != 1 or x.shape[0] != y.shape[0]:
+        raise DataError(f"{what} has {x.shape[0]} images but {y.shape[0]} labels")
+    low, high = int(y.min()), int(y.max())
+    if low < 0 or high >= num_classes:
+        raise DataError(f"{what} has labels {low}..{high}; this dataset's are 0..{num_classes - 1}")
 
 
 DATASETS: dict[str, Callable[[str, bool], tuple[Tensor, Tensor, Tensor, Tensor, int]]] = {

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, UserError
+from .errors import ConfigError, user_message
 from .files import atomic_write_bytes
 from .threads import resolve_threads
 
@@ -131,6 +131,10 @@ def plan_launch(
         mode = "spawn" if t.devices > 1 else "single"
         launch = Launch(mode, t.devices, t.devices, 1, device_type)
         key, value = "trainer.devices", t.devices
+    if device_type == "cuda" and cuda == 0:
+        raise ConfigError(
+            "trainer.accelerator", t.accelerator, "no CUDA device is visible here; use cpu or auto"
+        )
     if device_type == "cuda" and launch.local_world_size > cuda:
         instead = f"to run {value} CPU processes" if value > 1 else "to run on the CPU"
         raise ConfigError(
@@ -363,9 +367,10 @@ def _worker(
         clean = True
         atomic_write_bytes(Path(results) / f"result-{local_rank}.pkl", pickle.dumps(result))
     except BaseException as e:
-        user = isinstance(e, UserError)
+        message = user_message(e, composing=False)  # the user's or the environment's: one line
+        user = message is not None
         info = {"rank": local_rank, "time": time.time(), "kind": type(e).__name__}
-        info.update(error=f"{type(e).__name__}: {e}" if not user else str(e), user_error=user)
+        info.update(error=message if user else f"{type(e).__name__}: {e}", user_error=user)
         atomic_write_bytes(Path(results) / f"error-{local_rank}.json", json.dumps(info).encode())
         if not user:
             traceback.print_exc()
@@ -453,8 +458,8 @@ def join(target: Callable[..., Any], launch: Launch, *args: Any, num_threads: An
         clean = True
         return result
     except Exception as e:
-        if isinstance(e, UserError):
-            raise  # a user's mistake: its own one line
+        if user_message(e, composing=False) is not None:
+            raise  # a user's mistake (or the environment's): its own one line
         _record_for_agent(e)
         traceback.print_exc()
         raise WorkerError(launch.rank, f"{type(e).__name__}: {e}", type(e).__name__) from None

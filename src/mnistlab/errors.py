@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import errno
 import signal
 import sys
 from typing import Any
@@ -44,11 +45,38 @@ class Interrupted(RuntimeError):
         super().__init__(f"interrupted by {signal.Signals(signum).name} at optimizer step {step}")
 
 
-def user_message(exc: BaseException) -> str | None:
-    """The one line a user reads for ``exc``: a :class:`UserError`, or a Hydra or OmegaConf
-    error met while composing the config. None for anything else: a bug keeps its traceback."""
+# What the environment can refuse a file operation for, and what the user can do about it.
+ENVIRONMENT_FIXES = {
+    errno.ENOSPC: "free some space, or write elsewhere (hydra.run.dir / hydra.sweep.dir)",
+    errno.EDQUOT: "free some space, or write elsewhere (hydra.run.dir / hydra.sweep.dir)",
+    errno.EFBIG: "the file size limit (ulimit -f) is too small for it",
+    errno.EACCES: "check its permissions, or use another folder",
+    errno.EPERM: "check its permissions, or use another folder",
+    errno.EROFS: "the file system is read-only: use another folder",
+    errno.ENAMETOOLONG: "use a shorter path (hydra.run.dir / hydra.sweep.dir)",
+    errno.ENOTDIR: "a part of the path is a file, not a folder",
+}
+
+
+def environment_message(exc: BaseException) -> str | None:
+    """One line for a file operation the environment refused (disk full, no permission, a
+    name too long), naming the file and the fix; None for any other error."""
+    if not isinstance(exc, OSError) or exc.errno not in ENVIRONMENT_FIXES:
+        return None
+    where = exc.filename if exc.filename is not None else "a file"
+    return f"{where}: {exc.strerror}; {ENVIRONMENT_FIXES[exc.errno]}"
+
+
+def user_message(exc: BaseException, composing: bool = True) -> str | None:
+    """The one line a user reads for ``exc``: a :class:`UserError`, a file operation the
+    environment refused, or (while ``composing`` the config) a Hydra or OmegaConf error.
+    None for anything else: a bug keeps its traceback."""
     if isinstance(exc, UserError):
         return str(exc)
+    if environment_message(exc) is not None:
+        return environment_message(exc)
+    if not composing:
+        return None
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 

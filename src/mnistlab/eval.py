@@ -150,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = args.out or run_dir / "eval.json"
         atomic_write_json(out, result)
     except Exception as e:
-        message = user_message(e)
+        message = user_message(e, composing=False)  # run_config turned the config's into lines
         if message is None:
             raise
         return report(message)

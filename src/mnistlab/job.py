@@ -26,6 +26,7 @@ from .errors import ConfigError, Diverged, Interrupted
 from .loop import Callback, Fit, Loop, LoopConfig, evaluate, position
 from .optim import build_optimizer
 from .steps import Cadence, StepCounter, StepPlan
+from .threads import ThreadGovernor
 
 log = logging.getLogger("mnistlab")
 
@@ -71,12 +72,14 @@ def setup(cfg: DictConfig, out_dir: Path, rank: int = 0, world_size: int = 1) ->
     resumed = checkpoint.load_for_resume(out_dir / checkpoint.LAST, config) if t.resume else None
     ds, model = data_and_model(cfg, device)
     train, test = ds.train, ds.test
-    plan = StepPlan.from_config(t, len(train), world_size)
+    plan = StepPlan.from_config(t, len(train), world_size, models.smallest_batch(cfg.model))
     if rank == 0:
         log.info("\n%s", plan.banner(t.num_nodes))
     reg = regularizers.build(model, cfg.regularizer)
     optimizer = build_optimizer(cfg.optimizer, model.parameters())
-    counter, running = _restore(resumed, model, optimizer, out_dir, rank, t.epochs)
+    counter, running = _restore(
+        resumed, model, optimizer, out_dir, rank, t.epochs, cfg.optimizer.lr
+    )
     net = distributed.wrap(model, device, world_size, cfg.model.sync_bn)  # DDP: world > 1
     model = models.unwrap(net)
 
@@ -91,10 +94,10 @@ def setup(cfg: DictConfig, out_dir: Path, rank: int = 0, world_size: int = 1) ->
         seed=t.seed, precision=t.precision, rank=rank, world_size=world_size,
         train_samples=plan.samples_seen,
     )  # fmt: skip
-    run_id = resumed["extra"].get("wandb_run_id") if resumed is not None else None
+    ids = resumed["extra"] if resumed is not None else None  # the W&B run, its name and group
     out = sinks.build(
         cfg.logger, out_dir, plan, cadence, progress=t.progress, config=config, rank=rank,
-        done_steps=counter.optimizer_steps, wandb_run_id=run_id,
+        done_steps=counter.optimizer_steps, resume_ids=ids,
     )  # fmt: skip
     ckpt.extra.update(out.ids())  # the W&B run id: a resumed run continues the same W&B run
     # torch.compile(module), not the in-place Module.compile(): before torch 2.14 that leaves
@@ -103,7 +106,10 @@ def setup(cfg: DictConfig, out_dir: Path, rank: int = 0, world_size: int = 1) ->
     loop_cfg = LoopConfig(
         t.seed, cadence, rank, t.eval_every_n_epochs, t.eval_batch_size, t.precision
     )
-    loop = Loop(trained, optimizer, reg, plan, train, test, out, loop_cfg, [monitor, ckpt, *extra])
+    callbacks: list[Callback] = [monitor, ckpt, *extra]
+    if t.num_threads == "auto" and device.type == "cpu":  # follow the machine's load
+        callbacks.append(ThreadGovernor(most=torch.get_num_threads()))
+    loop = Loop(trained, optimizer, reg, plan, train, test, out, loop_cfg, callbacks)
     return Job(cfg, out_dir, world_size, plan, model, loop, monitor, ckpt, out, counter, running,
                resumed)  # fmt: skip
 
@@ -115,12 +121,15 @@ def _restore(
     out_dir: Path,
     rank: int,
     epochs: int,
+    lr: float,
 ) -> tuple[StepCounter, dict[str, Any] | None]:
     """Model and optimizer from the checkpoint; where training stands (a fresh start when
     there is none). ``metrics.jsonl`` loses the rows the resumed run will log again."""
     if resumed is None:
         return StepCounter(), None
     counter, running = checkpoint.restore(resumed, model, optimizer)
+    for group in optimizer.param_groups:  # optimizer.lr may change on resume (after a blow-up)
+        group["lr"] = lr
     if counter.epochs > epochs:
         raise ConfigError("trainer.epochs", epochs, f"at least {counter.epochs} (epochs done)")
     if rank == 0:
@@ -157,7 +166,7 @@ def _callbacks(nodes: DictConfig) -> list[Callback]:
         try:
             callback = instantiate(node)
         except InstantiationException as e:
-            reason = str(e).strip().splitlines()[0]
+            reason = str(e).strip().splitlines()[0].split(", set env var HYDRA_FULL_ERROR")[0]
             raise ConfigError(f"callbacks.{name}._target_", target, reason) from None
         if not isinstance(callback, Callback):
             raise ConfigError(f"callbacks.{name}._target_", target, "a mnistlab.loop.Callback")
@@ -202,14 +211,19 @@ def train(job: Job, started: float) -> dict[str, Any]:
 
 
 def _diverged(job: Job, e: Diverged) -> dict[str, Any]:
-    step = job.ckpt.last_saved_step
-    kept = f"; last checkpoint (step {step}) kept in {job.ckpt.path}" if step is not None else ""
-    lr = job.cfg.optimizer.lr
+    """What diverged, and the way back: resume the last finite checkpoint at a lower rate."""
+    step, lr = job.ckpt.last_saved_step, job.cfg.optimizer.lr
+    advice = f"try a lower optimizer.lr (now {lr})"
+    if step is not None:
+        resume = f"python -m mnistlab.train hydra.run.dir={job.out_dir} trainer.resume=true"
+        advice += (
+            f"; resume the last checkpoint (step {step}) with: {resume} optimizer.lr={lr / 10:g}"
+        )
     return {
         "status": "diverged",
         "diverged_at_step": e.step,
         "last_checkpoint_step": step,
-        "error": f"error: {e}; try a lower optimizer.lr (now {lr}){kept}",
+        "error": f"error: {e}; {advice}",
     }
 
 

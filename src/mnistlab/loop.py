@@ -8,7 +8,8 @@ is the gradient of a true average. Losses and counts accumulate on the device an
 only when a row is logged, so the GPU path has no per-step host sync.
 
 The loop knows nothing of processes, signals or files: what happens around a step
-(measurements, checkpoints) is a :class:`Callback`, and rows go to a ``sinks`` object.
+(measurements, checkpoints) is a :class:`~mnistlab.callbacks.Callback`, and rows go to a
+``sinks`` object.
 """
 
 from __future__ import annotations
@@ -24,33 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .callbacks import Callback
 from .data import Split
 from .errors import Diverged
 from .models import autocast
 from .regularizers import Regularizer
 from .steps import Cadence, StepCounter, StepPlan
-
-
-class Callback:
-    """Something that happens around the loop's steps; each method is optional (the base
-    does nothing). The BN monitor measures in ``on_step``; the checkpointer saves in
-    ``on_step_end`` and ``on_epoch_end``. More come from the ``callbacks`` config node."""
-
-    def on_micro_batch(self, counter: StepCounter) -> None:
-        """After a micro-batch's backward, mid-window: nothing can be saved here."""
-
-    def on_step(self, step: int) -> dict[str, Any] | None:
-        """After optimizer step ``step``: metrics to add to its row, or None."""
-        return None
-
-    def on_step_end(self, counter: StepCounter, running: Running) -> None:
-        """After the step's row was logged: a boundary where the run can be saved."""
-
-    def on_epoch_end(self, counter: StepCounter, running: Running) -> None:
-        """After the epoch's evaluation row: the last boundary of the epoch."""
-
-    def on_save(self, step: int) -> None:
-        """After the checkpointer wrote a checkpoint at ``step``."""
 
 
 class RowSink(Protocol):

@@ -108,12 +108,14 @@ def check(cfg: Any) -> None:
     """Refuse an unknown family or a shape it can't build, before any work."""
     if cfg.name not in MODELS:
         raise ConfigError("model.name", cfg.name, "one of " + ", ".join(MODELS))
-    for key in ("hidden", "channels"):
-        for i, width in enumerate(getattr(cfg, key, None) or []):
-            if width < 1:
-                raise ConfigError(f"model.{key}[{i}]", width, "an integer >= 1")
     if MODELS[cfg.name].check is not None:
         MODELS[cfg.name].check(cfg)  # type: ignore[misc]
+
+
+def smallest_batch(cfg: Any) -> int:
+    """The fewest samples a training micro-batch may hold: BatchNorm normalizes each channel
+    over the batch, and one sample has no spread (BatchNorm1d refuses it in training)."""
+    return 2 if cfg.bn else 1
 
 
 def build(cfg: Any, in_shape: Shape, num_classes: int, dropout: float) -> nn.Module:

@@ -15,6 +15,7 @@ from hydra import compose, initialize_config_dir
 from .config import CONF_DIR, register, validate
 from .data import train_size
 from .errors import report, user_message
+from .models import smallest_batch
 from .steps import StepPlan
 
 
@@ -25,7 +26,8 @@ def plan_from_overrides(overrides: list[str]) -> tuple[StepPlan, int]:
         cfg = compose(config_name="config", overrides=overrides)
     validate(cfg)
     t = cfg.trainer
-    return StepPlan.from_config(t, train_size(cfg.dataset), t.devices * t.num_nodes), t.num_nodes
+    world, smallest = t.devices * t.num_nodes, smallest_batch(cfg.model)
+    return StepPlan.from_config(t, train_size(cfg.dataset), world, smallest), t.num_nodes
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,9 +12,11 @@ import os
 import secrets
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
+from . import wandb_run
 from .files import flatten, jsonable
 from .steps import Cadence, StepPlan
 
@@ -23,6 +25,7 @@ log = logging.getLogger("mnistlab")
 # A row's kind: "step" rows (training, weight metrics, BN points) are thinned by each sink's
 # cadence; "eval" rows (an evaluation) and "bn" rows (the final BN measurement) always go.
 KINDS = ("step", "eval", "bn")
+POSITION = ("optimizer_step", "micro_batch", "epoch", "samples_seen")  # every row's coordinates
 
 
 class Sink(Protocol):
@@ -115,8 +118,11 @@ class Sinks:
 
     def ids(self) -> dict[str, str]:
         """Identifiers a checkpoint keeps so a resumed run continues the same records."""
-        runs = [s.id for s in self.sinks if isinstance(s, WandbSink)]
-        return {"wandb_run_id": runs[0]} if runs else {}
+        for s in self.sinks:
+            if isinstance(s, WandbSink):
+                who = s.identity
+                return {"wandb_run_id": s.id, "wandb_group": who.group, "wandb_name": who.name}
+        return {}
 
 
 # --- Weights & Biases -------------------------------------------------------------------------
@@ -168,41 +174,14 @@ def wandb_mode(mode: str) -> str:
     return "online" if wandb_credentials() else "offline"
 
 
-def run_identity(out_dir: Path) -> tuple[str, str, list[str]]:
-    """W&B group, name and the overrides of this Hydra job.
-
-    Group: the sweep's folder (a single run is its own group), as its path below ``multirun/``
-    or ``runs/`` (``2026-01-31/12-00-00``) so two days' sweeps never share a group. Name:
-    Hydra's override string (``hydra.job.override_dirname``), else the folder's name.
-    """
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    out_dir = Path(out_dir).resolve()
-    if not HydraConfig.initialized():  # e.g. a DDP worker started outside Hydra
-        return _folder_label(out_dir), out_dir.name, []
-    hc = HydraConfig.get()
-    multirun = hc.mode == RunMode.MULTIRUN
-    group = _folder_label(Path(hc.sweep.dir).resolve() if multirun else out_dir)
-    overrides = list(hc.overrides.task)
-    return group, hc.job.override_dirname or out_dir.name, overrides
-
-
-def _folder_label(folder: Path) -> str:
-    parts = folder.parts
-    for anchor in ("multirun", "runs"):
-        if anchor in parts[:-1]:
-            i = len(parts) - 1 - parts[::-1].index(anchor)
-            return "/".join(parts[i + 1 :])
-    return folder.name
-
-
 class WandbSink:
     """One W&B run per Hydra job, living in ``<job folder>/wandb/``.
 
-    ``optimizer_step`` is the x-axis of every chart, ``samples_seen`` a second one; the final
-    metrics go into the run summary; the run is always finished, with exit code 1 (state
-    *failed*) unless the job completed, so the runs of a sweep never merge.
+    ``optimizer_step`` is the x-axis of every chart, ``samples_seen`` a second one; best and
+    final accuracy and loss are the run summary's (``define_metric``), with the final metrics;
+    per-layer BN keys have their own section. At the end the run gets its tables, chart,
+    pictures and files (:mod:`mnistlab.wandb_run`) and is always finished, with exit code 1
+    (state *failed*) unless the job completed, so the runs of a sweep never merge.
 
     Each ``run.log`` costs about a millisecond of CPU, as much as a whole step of the default
     model: rows are buffered and handed to W&B every ``flush_every_s`` seconds and at the end,
@@ -215,46 +194,68 @@ class WandbSink:
         out_dir: Path,
         config: dict[str, Any],
         cadence: Cadence,
-        run_id: str | None = None,
+        resume: Mapping[str, Any] | None = None,
         flush_every_s: float = 10.0,
     ) -> None:
-        """``cfg``: the ``logger.wandb`` node; ``config``: what the run's W&B config holds."""
+        """``cfg``: the ``logger.wandb`` node; ``config``: what the run's W&B config holds;
+        ``resume``: the ids a checkpoint kept (:meth:`Sinks.ids`): the same run, name, group."""
         self.mode = wandb_mode(cfg.mode)
         self.cadence = cadence  # its W&B grid: ~1 ms of CPU a row keeps W&B under 5%
-        self.id = run_id or secrets.token_hex(6)
-        group, name, overrides = run_identity(out_dir)
-        self.init_kwargs: dict[str, Any] = dict(
-            project=cfg.project,
-            entity=cfg.entity,
-            dir=str(out_dir),
-            mode=self.mode,
-            group=group,
-            name=name,
-            job_type="train",
-            tags=list(cfg.tags),
-            config={**config, "overrides": overrides},
-            reinit="finish_previous",  # a sweep runs its jobs in one process, one run each
-            id=self.id,
-            resume="allow" if run_id else None,  # a resumed job continues its own run
+        self.out_dir, self.quiet = Path(out_dir), cfg.quiet
+        self.keep_checkpoint = cfg.log_checkpoint
+        resume = resume or {}
+        self.id = resume.get("wandb_run_id") or secrets.token_hex(6)
+        who = wandb_run.identity(out_dir)
+        self.identity = wandb_run.Identity(
+            resume.get("wandb_group", who.group), resume.get("wandb_name", who.name), who.overrides
         )
         self.seconds = {"wandb_init_s": 0.0, "wandb_log_s": 0.0}
         self.buffer: list[dict[str, Any]] = []
         self.flush_every_s = flush_every_s
         self.error: BaseException | None = None
+        self.gaps = wandb_run.GapHistory()  # every BN point, for the finish-time chart
+        self.position: dict[str, Any] = {}  # the last row's coordinates
+        self.sent: dict[str, Any] = {}  # the last value sent of each summarised metric
         t0 = time.perf_counter()
-        import wandb
-
-        self.run = wandb.init(**self.init_kwargs)
-        self.run.define_metric("optimizer_step")
-        self.run.define_metric("samples_seen")
-        self.run.define_metric("*", step_metric="optimizer_step")
+        self.run = self._init(cfg, config, bool(resume.get("wandb_run_id")))
         self.last_flush = time.perf_counter()
         self.seconds["wandb_init_s"] = self.last_flush - t0
 
+    def _init(self, cfg: Any, config: dict[str, Any], resumed: bool) -> Any:
+        """``wandb.init`` and the metric definitions. Quiet: W&B prints nothing (its banner
+        would cut the progress bar) and captures no console (the job's log goes at the end)."""
+        import wandb
+
+        settings = wandb.Settings(silent=True, console="off") if self.quiet else None
+        run = wandb.init(
+            project=cfg.project,
+            entity=cfg.entity,
+            dir=str(self.out_dir),
+            mode=self.mode,
+            group=self.identity.group,
+            name=self.identity.name,
+            job_type="train",
+            tags=list(cfg.tags),
+            config={**config, "overrides": list(self.identity.overrides)},
+            reinit="finish_previous",  # a sweep runs its jobs in one process, one run each
+            id=self.id,
+            resume="allow" if resumed else None,  # a resumed job continues its own run
+            settings=settings,
+        )
+        run.define_metric("optimizer_step")
+        run.define_metric("samples_seen")
+        run.define_metric("*", step_metric="optimizer_step")
+        for key, kept in wandb_run.SUMMARIES.items():  # best and final, first in the summary
+            run.define_metric(key, step_metric="optimizer_step", summary=kept)
+        return run
+
     def log(self, row: dict[str, Any], kind: str) -> None:
         """Step rows on the cadence's W&B grid, plus every evaluation and BN row."""
+        self.position = {k: row[k] for k in POSITION if k in row}
+        self.gaps.add(row)
         if kind != "step" or self.cadence.wandb_row(row.get("optimizer_step", 0)):
-            self.buffer.append(dict(row))
+            self.sent.update((k, row[k]) for k in wandb_run.SUMMARIES if k in row)
+            self.buffer.append(wandb_run.for_wandb(row))
             if time.perf_counter() - self.last_flush > self.flush_every_s:
                 self.flush()
 
@@ -271,12 +272,19 @@ class WandbSink:
         self.seconds["wandb_log_s"] += self.last_flush - t0
 
     def finish(self, summary: dict[str, Any]) -> dict[str, float]:
+        final = flatten(summary.get("final", {}), "/")
+        # the summaries' "last" is the job's final value (after PreciseBN, say): a last point
+        late = {k: final[k] for k in wandb_run.SUMMARIES if k in final}
+        late = {k: v for k, v in late.items() if v != self.sent.get(k)}
+        if late and self.position:
+            self.buffer.append({**self.position, **late})
         self.flush()
         if self.error is not None:
             log.warning("W&B stopped receiving rows: %s", self.error)
         t0 = time.perf_counter()
+        self._extras(summary)
         status = summary.get("status", "failed")
-        final = flatten(summary.get("final", {}), "/")
+        final = {k: v for k, v in final.items() if k not in wandb_run.SUMMARIES}
         extra = {k: summary[k] for k in ("counted", "timings", "error") if k in summary}
         self.run.summary.update({**final, **flatten(extra, "/"), "status": status})
         folder = Path(self.run.dir).parent  # <job>/wandb/offline-run-.../files -> the run
@@ -285,6 +293,19 @@ class WandbSink:
         if self.mode == "offline":
             log.info("W&B run saved offline; upload it with: wandb sync %s", folder)
         return dict(self.seconds)  # W&B's own cost, measured
+
+    def _extras(self, summary: dict[str, Any]) -> None:
+        """Tables, chart, pictures, files and the checkpoint, once; a W&B problem here is
+        reported and the run still finishes."""
+        try:
+            media = wandb_run.finish_media(summary, self.gaps, self.out_dir)
+            if media:
+                self.run.log(media)
+            wandb_run.save_files(self.run, self.out_dir, with_log=self.quiet)
+            if self.keep_checkpoint:
+                wandb_run.log_checkpoint(self.run, self.out_dir, summary)
+        except Exception as e:
+            log.warning("W&B did not take the run's tables, files or checkpoint: %s", e)
 
 
 def build(
@@ -297,13 +318,14 @@ def build(
     config: dict[str, Any] | None = None,
     rank: int = 0,
     done_steps: int = 0,
-    wandb_run_id: str | None = None,
+    resume_ids: Mapping[str, Any] | None = None,
 ) -> Sinks:
     """The sinks of one job: console and ``metrics.jsonl``, plus W&B when the ``logger``
     node ``cfg`` asks for it (``config``, the resolved run config, becomes its W&B config).
 
     Only rank 0 logs; other ranks get an empty fan-out. A resumed run (``done_steps > 0``)
-    appends to ``metrics.jsonl`` and continues the W&B run ``wandb_run_id``.
+    appends to ``metrics.jsonl`` and continues the W&B run of ``resume_ids`` (what
+    :meth:`Sinks.ids` returned when the checkpoint was saved).
     """
     if rank != 0:
         return Sinks()
@@ -313,5 +335,5 @@ def build(
     ]
     if cfg.name == "wandb" and cfg.wandb.mode != "disabled":
         run_config = {**(config or {}), "plan": plan.as_dict()}
-        out.append(WandbSink(cfg.wandb, Path(out_dir), run_config, cadence, wandb_run_id))
+        out.append(WandbSink(cfg.wandb, Path(out_dir), run_config, cadence, resume_ids))
     return Sinks(out)

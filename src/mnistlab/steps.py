@@ -35,9 +35,12 @@ class StepPlan:
     drop_last: bool
 
     @classmethod
-    def from_config(cls, trainer: Any, num_samples: int, world_size: int) -> StepPlan:
-        """The plan of ``trainer`` (the config node) over ``num_samples`` training samples,
-        refused with one line if an epoch would hold no micro-batch."""
+    def from_config(
+        cls, trainer: Any, num_samples: int, world_size: int, smallest_batch: int = 1
+    ) -> StepPlan:
+        """The plan of ``trainer`` (the config node) over ``num_samples`` training samples.
+        Refused with one line if an epoch would hold no micro-batch, or a micro-batch fewer
+        than ``smallest_batch`` samples (2 for a model with BatchNorm)."""
         t = trainer
         plan = cls(num_samples, t.epochs, t.batch_size, world_size, t.grad_accum, t.drop_last)
         if plan.micro_batches_per_epoch == 0:
@@ -46,7 +49,31 @@ class StepPlan:
                 t.batch_size,
                 f"at most {plan.samples_per_rank} (one rank's shard) with trainer.drop_last=true",
             )
+        if plan.smallest_micro_batch < smallest_batch:
+            raise ConfigError(
+                "trainer.batch_size", t.batch_size, plan.short_batch_advice(smallest_batch)
+            )
         return plan
+
+    @property
+    def smallest_micro_batch(self) -> int:
+        """The fewest samples any rank's training micro-batch holds (shards are equal)."""
+        return min(self.batch_size, self.last_micro_batch_size)
+
+    def short_batch_advice(self, smallest: int) -> str:
+        """Why a micro-batch is too small for the model, and batch sizes near this one that
+        work (every micro-batch, the epoch's last included, holds at least ``smallest``)."""
+        n, b = self.samples_per_rank, self.batch_size
+        need = f"BatchNorm needs at least {smallest} samples per micro-batch in training"
+        if b < smallest:
+            return f"{need}; use trainer.batch_size >= {smallest}"
+        near = [c for c in range(smallest, b + 9) if c != b and (n % c == 0 or n % c >= smallest)]
+        near.sort(key=lambda c: (abs(c - b), c))
+        return (
+            f"each epoch's last micro-batch would hold {self.last_micro_batch_size} "
+            f"({n} samples per rank = {b} x {n // b} + {n % b}) and {need}; use e.g. "
+            f"trainer.batch_size={' or '.join(map(str, near[:2]))}, or trainer.drop_last=true"
+        )
 
     @property
     def samples_per_rank(self) -> int:

@@ -1,12 +1,24 @@
 """How many threads a process may use: oversubscribing a small CPU costs far more than
-leaving a core idle (two processes of 2 threads on 2 cores ran 200x slower than one)."""
+leaving a core idle (two processes of 2 threads on 2 cores ran 200x slower than one: GNU
+OpenMP's threads spin while they wait for a partner that another process descheduled).
+
+``trainer.num_threads=auto`` starts at cores / (processes x parallel jobs) and then follows
+the machine's load (:class:`ThreadGovernor`): while other processes keep a core of ours busy,
+training drops to the cores left (one thread never spins), and takes them back when they are
+free again."""
 
 from __future__ import annotations
 
+import math
 import os
+import sys
+import time
 from typing import Any
 
-from .errors import ConfigError
+from hydra.experimental.callback import Callback
+
+from .callbacks import Callback as LoopCallback
+from .errors import ConfigError, report
 
 
 def cpu_cores() -> int:
@@ -42,3 +54,69 @@ def parallel_jobs(hydra_cfg: Any) -> int:
     if n < 0:
         n = cpu_cores() + 1 + n
     return max(1, int(n))
+
+
+class LauncherCheck(Callback):
+    """Refuse launcher settings that cannot run, with one line before the launcher starts
+    any job (the launcher's own error would be a traceback from inside joblib)."""
+
+    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
+        launcher = config.hydra.launcher
+        if "joblib" in str(launcher.get("_target_", "")) and launcher.get("n_jobs") == 0:
+            allowed = "an integer >= 1, or negative to count back from the cores (-1: one per core)"
+            # Hydra turns a callback's exception into a warning and goes on: stop here instead.
+            sys.exit(report(str(ConfigError("hydra.launcher.n_jobs", 0, allowed))))
+
+
+def busy_seconds(cores: set[int]) -> float:
+    """CPU seconds the machine spent busy on ``cores`` since boot (``/proc/stat``: user, nice,
+    system, irq, softirq and steal; idle and iowait are not busy). 0 where there is none."""
+    try:
+        with open("/proc/stat") as f:
+            lines = [ln.split() for ln in f if ln.startswith("cpu") and ln[3:4].isdigit()]
+    except OSError:
+        return 0.0
+    ticks = sum(
+        int(v[1]) + int(v[2]) + int(v[3]) + int(v[6]) + int(v[7]) + int(v[8])
+        for v in lines
+        if int(v[0][3:]) in cores
+    )
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+class ThreadGovernor(LoopCallback):
+    """Follows other processes' load on our cores: ``threads`` = the cores they leave free
+    (at least 1, at most ``most``), re-measured every ``every_s`` seconds of training.
+
+    A loop callback (``on_step``); measuring costs one clock read per step and, once a
+    second, a read of ``/proc/stat``. Changing the thread count changes float summation
+    order: runs are bit-identical only at a fixed ``trainer.num_threads``."""
+
+    def __init__(self, most: int, every_s: float = 1.0) -> None:
+        self.most, self.every_s = most, every_s
+        self.cores = set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else set()
+        self.last = self._sample()
+        self.changes = 0
+
+    def _sample(self) -> tuple[float, float, float]:
+        own = os.times()
+        return time.monotonic(), busy_seconds(self.cores), own.user + own.system
+
+    def threads_for(self, others: float) -> int:
+        """Threads to use while other processes use ``others`` cores of ours (a quarter of
+        a core of background noise is ignored)."""
+        return max(1, min(self.most, self.most - math.ceil(others - 0.25)))
+
+    def on_step(self, step: int) -> None:
+        import torch
+
+        if time.monotonic() - self.last[0] < self.every_s:
+            return None
+        now = self._sample()
+        wall, busy, own = (b - a for a, b in zip(self.last, now, strict=True))
+        self.last = now
+        threads = self.threads_for(max(0.0, busy - own) / wall)
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
+            self.changes += 1
+        return None

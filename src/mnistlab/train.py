@@ -25,7 +25,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
-from . import distributed
+from . import distributed, lock
 from .config import CONF_DIR, hydra_error_line, register, validate
 from .errors import USER_ERROR_EXIT, UserError, report, user_message
 from .files import atomic_write_json
@@ -40,45 +40,63 @@ register()
 
 
 def run(cfg: DictConfig, hc: Any, started: float) -> float:
-    """One Hydra job: validate, train, write ``summary.json``; return the sweep objective."""
+    """One Hydra job: take the run folder, validate, train, write ``summary.json``; return
+    the sweep objective."""
     out_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
-    launch: distributed.Launch | None = None
-    code = 1
     try:
-        launch = _prepare(cfg)
-        summary = _dispatch(launch, cfg, out_dir, hc, started)
-    except UserError as e:
-        if cfg.trainer.resume:  # keep the folder being resumed as it was: nothing was run
-            code = report(str(e))
-            return _stop(code, multirun)
-        summary, code = {"status": "failed", "error": f"error: {e}"}, USER_ERROR_EXIT
-    except distributed.WorkerError as e:  # one line: which rank, which error
-        summary = {"status": "failed", "error": f"error: {e}"}
-        code = USER_ERROR_EXIT if e.user_error else 1
-    except Exception as e:  # a bug: still leave a summary, then show the traceback
-        if launch is None or launch.rank == 0:
-            failed = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
-            _write_summary(out_dir, failed, cfg, hc, started)
-        if not multirun:
-            traceback.print_exc()
-            sys.exit(1)
-        log.exception("job failed; the sweep goes on")  # Hydra would stop the sweep here
-        return math.nan
-    rank = launch.rank if launch is not None else 0
-    if rank == 0:  # only rank 0 writes (under torchrun every rank runs this function)
-        _write_summary(out_dir, summary, cfg, hc, started)
+        with lock.hold(out_dir):  # one live run per folder (torchrun's other ranks: scratch)
+            summary, code, launch = _attempt(cfg, hc, out_dir, started)
+    except UserError as e:  # the folder is in use, or a resume was refused: left as it was
+        return _stop(report(str(e)), multirun)
     return _outcome(summary, code, multirun, launch, out_dir, cfg.objective.metric)
 
 
-def _prepare(cfg: DictConfig) -> distributed.Launch:
-    """Every check that needs no data, before any work: values, then the processes."""
+def _attempt(
+    cfg: DictConfig, hc: Any, out_dir: Path, started: float
+) -> tuple[dict[str, Any], int, distributed.Launch | None]:
+    """Validate and train; any failure becomes a failed summary with its one line (a bug's
+    traceback is printed first). Returns the summary, the exit code if it failed, the launch."""
+    launch: distributed.Launch | None = None
+    try:
+        cfg, launch = _prepare(cfg, hc, out_dir)
+        summary, code = _dispatch(launch, cfg, out_dir, hc, started), 1
+    except Exception as e:
+        known = _known_failure(e)
+        if known is not None and cfg.trainer.resume and isinstance(e, UserError):
+            raise  # keep the folder being resumed as it was: nothing was run
+        if known is None:  # a bug: its traceback, then the summary records it
+            traceback.print_exc()
+            log.error("job failed%s", "; the sweep goes on" if hc.mode == RunMode.MULTIRUN else "")
+        line, code = known or (f"{type(e).__name__}: {e}", 1)
+        summary = {"status": "failed", "error": line}
+    if launch is None or launch.rank == 0:  # only rank 0 writes (torchrun: every rank is here)
+        _write_summary(out_dir, summary, cfg, hc, started)
+    return summary, code, launch
+
+
+def _known_failure(e: Exception) -> tuple[str, int] | None:
+    """The one line and exit code of a failure that is no bug: the user's mistake, a file
+    operation the environment refused, or a rank that failed (2 if that was a user error)."""
+    if isinstance(e, distributed.WorkerError):
+        return f"error: {e}", USER_ERROR_EXIT if e.user_error else 1
+    message = user_message(e, composing=False)
+    return (f"error: {message}", USER_ERROR_EXIT) if message is not None else None
+
+
+def _prepare(cfg: DictConfig, hc: Any, out_dir: Path) -> tuple[DictConfig, distributed.Launch]:
+    """Every check that needs no data, before any work: values, then the processes. A
+    resumed run's config is its checkpoint's, with what the command line may change."""
     try:
         OmegaConf.to_container(cfg, resolve=True)  # a resolver's error is the user's value
     except InterpolationResolutionError as e:
         raise UserError(hydra_error_line(e)) from None
+    if cfg.trainer.resume:
+        from .checkpoint import LAST, resume_config
+
+        cfg = resume_config(out_dir / LAST, cfg, list(hc.overrides.task))
     validate(cfg)
-    return distributed.plan_launch(cfg)
+    return cfg, distributed.plan_launch(cfg)
 
 
 def _dispatch(
@@ -142,7 +160,13 @@ def _write_summary(
         summary["config"] = OmegaConf.to_container(cfg, resolve=True)
     except InterpolationResolutionError:  # the error being reported: keep the raw config
         summary["config"] = OmegaConf.to_container(cfg, resolve=False)
-    atomic_write_json(out_dir / "summary.json", summary)
+    try:
+        atomic_write_json(out_dir / "summary.json", summary)
+    except OSError as e:  # a full disk: say so, and still end as the run did
+        message = user_message(e, composing=False)
+        if message is None:
+            raise
+        print(f"error: summary.json not written: {message}", file=sys.stderr, flush=True)
 
 
 def _outcome(
@@ -201,8 +225,8 @@ def cli() -> None:
         if user_value == "1" or message is None:
             raise
         sys.exit(report(message))
-    except KeyboardInterrupt:  # a second Ctrl-C: stop now, without the last checkpoint
-        print("interrupted twice: stopped at once; the last checkpoint is kept", file=sys.stderr)
+    except KeyboardInterrupt:  # Ctrl-C outside training, or a second one inside: stop now
+        print("interrupted: stopped at once, nothing more saved", file=sys.stderr)
         sys.exit(130)
     finally:
         if user_value is None:
