@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: train test test-fast lint format bench clean
+.PHONY: train test test-fast lint format bench readme-table clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,14 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) scripts/bench.py
+
+# The README's regularizer table: rerun its sweep, then rewrite the table between its markers
+README_SWEEP := outputs/readme/regularizers
+readme-table: $(STAMP)
+	rm -rf $(README_SWEEP)
+	$(PY) -m mnistlab.train -m regularizer=none,l1,l2,dropout,elastic logger=none \
+		hydra.sweep.dir=$(README_SWEEP)
+	$(PY) -m mnistlab.report $(README_SWEEP) --table --into README.md --block regularizers
 
 clean:
 	rm -rf outputs .pytest_cache .ruff_cache

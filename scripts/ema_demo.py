@@ -9,8 +9,11 @@ started at 0. Four estimators side by side, plus PyTorch's own ``BatchNorm1d`` a
   batch). After t = 2,000 updates the initial 0 still carries weight (1 - m)^t = 0.135.
 - the bias-corrected EMA, ``ema / (1 - (1 - m)^t)``, which removes that weight.
 
-Then a grid over momentum and batch size compares the measured RMS error of the EMA with the
-theory in ``mnistlab.bnstats`` (initial weight and noise factor). Run:
+The same stream shifted to mean 1 shows that weight: the PyTorch-convention EMA lands near
+(1 - 0.135) * 1, the bias-corrected one near 1. Then a grid over momentum and batch size
+compares the measured RMS error of the EMA with the theory in ``mnistlab.bnstats`` (initial
+weight and noise factor). ``--plot`` draws the shifted stream's estimators, the initial
+value's weight and the grid. Run:
 ``python scripts/ema_demo.py [--seed 0] [--plot ema.png] [--json out.json]``.
 """
 
@@ -26,14 +29,16 @@ import torch
 from mnistlab.bnstats import init_weight, noise_factor
 
 N_VALUES, BATCH, MOMENTUM = 10_000, 5, 0.001
+SHIFT = 1.0  # the shifted stream's mean: large against the EMA's noise, so the bias shows
 
 
 def scalar_experiment(
-    seed: int = 0, n: int = N_VALUES, batch: int = BATCH, m: float = MOMENTUM
+    seed: int = 0, n: int = N_VALUES, batch: int = BATCH, m: float = MOMENTUM, offset: float = 0.0
 ) -> dict[str, Any]:
-    """Run the four estimators and BatchNorm1d over one seeded stream; return the results."""
+    """Run the four estimators and BatchNorm1d over one seeded stream of N(offset, 1) values
+    (the same draws for every offset); return the results."""
     g = torch.Generator().manual_seed(seed)
-    values = torch.randn(n, generator=g, dtype=torch.float64)
+    values = torch.randn(n, generator=g, dtype=torch.float64) + offset
     batch_means = values.reshape(-1, batch).mean(1)
     t = len(batch_means)
     wrong = right = 0.0
@@ -51,6 +56,7 @@ def scalar_experiment(
             bn(chunk)
     return {
         "seed": seed,
+        "offset": offset,
         "n": n,
         "batch": batch,
         "momentum": m,
@@ -110,7 +116,20 @@ def grid(
     return rows
 
 
-def format_tables(res: dict[str, Any], rows: list[dict[str, float]]) -> str:
+def format_shifted(res: dict[str, Any]) -> list[str]:
+    """The shifted stream in three lines: where the initial value's weight shows."""
+    mu, w0 = res["offset"], res["init_weight"]
+    return [
+        f"The same values shifted to mean {mu:g} (N({mu:g}, 1)): true mean {res['true_mean']:.4f}",
+        f"  PyTorch ema {res['ema']:.4f} (expects (1 - {w0:.3f}) * {mu:g} = {(1 - w0) * mu:.4f}), "
+        f"BatchNorm1d {res['bn_running_mean']:.4f}",
+        f"  bias-corrected ema {res['ema_corrected']:.4f}: the starting 0's weight removed",
+    ]
+
+
+def format_tables(
+    res: dict[str, Any], rows: list[dict[str, float]], shifted: dict[str, Any] | None = None
+) -> str:
     m, t = res["momentum"], res["updates"]
     lines = [
         f"{res['n']} standard-normal values, batches of {res['batch']} ({t} updates), "
@@ -133,6 +152,7 @@ def format_tables(res: dict[str, Any], rows: list[dict[str, float]]) -> str:
         f"Predicted noise sd of the EMA: sqrt(m/(2-m) * (1-(1-m)^2t) / b) = "
         f"{res['noise_sd_pred']:.4f}; BatchNorm1d counted {res['bn_num_batches_tracked']} updates.",
         "",
+        *([*format_shifted(shifted), ""] if shifted is not None else []),
         "Grid: RMS error of the PyTorch-convention EMA over seeded streams of N(1, 1) values",
         f"{'momentum':>9} {'batch':>6} {'updates':>8} {'w(start)':>9} {'measured':>9} "
         f"{'predicted':>10} {'ratio':>6}",
@@ -145,39 +165,90 @@ def format_tables(res: dict[str, Any], rows: list[dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def plot(res: dict[str, Any], path: str) -> None:
-    import matplotlib
+def plot(shifted: dict[str, Any], rows: list[dict[str, float]], path: str) -> None:
+    """Three panels: the estimators on the shifted stream with the EMA's expected value, the
+    initial value's weight (1 - m)^t, and the grid's measured against predicted RMS error."""
+    from pathlib import Path
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from mnistlab.pictures import new_figure, save_png
 
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    tr = res["trajectories"]
-    ax.plot(tr["wrong"], lw=0.5, alpha=0.6, label="m*ema + (1-m)*batch (slip)")
-    ax.plot(tr["ema"], label="(1-m)*ema + m*batch (PyTorch)")
-    ax.plot(tr["corrected"], label="bias-corrected")
-    ax.axhline(res["true_mean"], color="k", ls="--", lw=1, label="true mean")
-    ax.set_ylim(-1.5, 1.5)
-    ax.set_xlabel("update (batch of 5)")
-    ax.set_ylabel("estimate of the mean")
-    ax.legend(loc="upper right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig = new_figure(15, 4.8)
+    traj, weight, grid_ax = fig.subplots(1, 3, width_ratios=[2, 1, 1.2])
+    m, mu, t = shifted["momentum"], shifted["offset"], shifted["updates"]
+    steps = range(1, t + 1)
+    tr = shifted["trajectories"]
+    traj.plot(steps, tr["wrong"], lw=0.5, alpha=0.5, color="C7", label="m*ema + (1-m)*batch (slip)")
+    traj.plot(steps, tr["ema"], color="C0", label="(1-m)*ema + m*batch (PyTorch)")
+    traj.plot(steps, tr["corrected"], color="C2", label="bias-corrected ema / (1 - (1-m)^t)")
+    expected = [(1 - init_weight(m, i)) * mu for i in steps]
+    traj.plot(steps, expected, "k--", lw=1, label="expected PyTorch ema: (1 - (1-m)^t) * mu")
+    traj.axhline(shifted["true_mean"], color="C3", ls=":", label="true mean of the values")
+    traj.set(
+        ylim=(mu - 1.5, mu + 1.5),
+        xlabel=f"update (batch of {shifted['batch']})",
+        ylabel="estimate of the mean",
+        title=f"N({mu:g}, 1) values, m = {m}: the EMA ends {shifted['ema']:.3f}, "
+        f"bias-corrected {shifted['ema_corrected']:.3f}",
+    )
+    traj.legend(fontsize=7, loc="lower right")
+    weight.plot(steps, [init_weight(m, i) for i in steps], color="C0")
+    weight.plot([t], [init_weight(m, t)], "o", color="C3")
+    weight.annotate(
+        f"{init_weight(m, t):.3f} after {t}",
+        (t, init_weight(m, t)),
+        textcoords="offset points",
+        xytext=(-10, 12),
+        ha="right",
+    )
+    weight.set(
+        ylim=(0, 1.02), xlabel="update", ylabel="(1 - m)^t", title="weight still on the starting 0"
+    )
+    _draw_grid(grid_ax, rows)
+    for ax in (traj, weight, grid_ax):
+        ax.grid(alpha=0.3, which="both")
+    save_png(fig, Path(path), dpi=120)
+
+
+def _draw_grid(ax: Any, rows: list[dict[str, float]]) -> None:
+    """Measured against predicted RMS error, one point per (momentum, batch), on log axes."""
+    measured = [r["measured_rms"] for r in rows]
+    predicted = [r["predicted_rms"] for r in rows]
+    low, high = min(measured + predicted) / 1.5, max(measured + predicted) * 1.5
+    ax.plot([low, high], [low, high], "k--", lw=1, label="measured = predicted")
+    for i, r in enumerate(rows):
+        ax.plot(
+            r["predicted_rms"],
+            r["measured_rms"],
+            "o",
+            color=f"C{i}",
+            label=f"m={r['momentum']:g}, b={r['batch']:g}: ratio {r['ratio']:.2f}",
+        )
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlim=(low, high),
+        ylim=(low, high),
+        xlabel="predicted RMS error: sqrt(bias^2 + noise)",
+        ylabel="measured RMS error",
+        title="EMA error over seeded streams of N(1, 1)",
+    )
+    ax.legend(fontsize=7, loc="upper left")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=400, help="streams per grid cell")
-    ap.add_argument("--plot", default=None, help="write a PNG of the trajectories here")
+    ap.add_argument("--plot", default=None, help="write a PNG here: shifted stream, grid")
     ap.add_argument("--json", default=None, help="write the numbers as JSON here")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     res = scalar_experiment(args.seed)
+    shifted = scalar_experiment(args.seed, offset=SHIFT)
     rows = grid(args.seed, repeats=args.repeats)
-    print(format_tables(res, rows))
+    print(format_tables(res, rows, shifted))
     if args.plot:
-        plot(res, args.plot)
+        plot(shifted, rows, args.plot)
         print(f"plot written to {args.plot}")
     if args.json:
         from pathlib import Path
@@ -185,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         from mnistlab.files import atomic_write_json
 
         out = {k: v for k, v in res.items() if k != "trajectories"} | {"grid": rows}
+        out["shifted"] = {k: v for k, v in shifted.items() if k != "trajectories"}
         atomic_write_json(Path(args.json), out)
     return 0
 

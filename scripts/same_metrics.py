@@ -46,7 +46,10 @@ def run(tree: Path, out: Path, overrides: list[str]) -> Path:
         WANDB_SILENT="true",
     )
     cmd = [sys.executable, "-m", "mnistlab.train", f"hydra.run.dir={out}", "logger=none"]
-    cmd += ["trainer.accelerator=cpu", "trainer.progress=none", *overrides]
+    # A fixed thread count: trainer.num_threads=auto follows the machine's load, and a thread
+    # count changes float summation order. 2 is what auto picks on an idle 2-core machine.
+    cmd += ["trainer.accelerator=cpu", "trainer.progress=none", "trainer.num_threads=2"]
+    cmd += overrides
     p = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
     if p.returncode != 0:
         raise SystemExit(f"{tree}: {' '.join(overrides)} failed:\n{p.stderr[-3000:]}")

@@ -92,3 +92,18 @@ class RaiseInJob(Callback):
         if self.armed:
             raise RuntimeError(f"injected fault in sweep job {self.job}")
         return None
+
+
+class KillRankAt(Callback):
+    """Rank ``rank`` dies (SIGKILL) right after its micro-batch ``at``: a worker that
+    vanishes without a word."""
+
+    def __init__(self, rank: int, at: int) -> None:
+        self.rank, self.at = rank, at
+
+    def on_micro_batch(self, counter: StepCounter) -> None:
+        import torch.distributed as dist
+
+        me = dist.get_rank() if dist.is_initialized() else 0
+        if me == self.rank and counter.micro_batches == self.at:
+            _die()

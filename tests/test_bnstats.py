@@ -19,7 +19,7 @@ from mnistlab.bnstats import LayerStats, Moments, chan_merge, exact_stats, merge
 from mnistlab.models import bn_layers
 from mnistlab.steps import Cadence
 
-from conftest import ROOT, read_jsonl, read_summary, run_app
+from conftest import ROOT, png_size, read_jsonl, read_summary, run_app
 
 
 def _model(momentum: float | None = 0.1) -> nn.Sequential:
@@ -370,6 +370,23 @@ def test_ema_demo_reproduces_the_textbook_numbers(tmp_path: Path, capsys) -> Non
     assert res["ema_corrected"] == pytest.approx(res["ema"] / (1 - 0.999**2000))
     for row in res["grid"]:
         assert row["ratio"] == pytest.approx(1.0, abs=0.2)
+    # the same draws shifted by 1: the EMA gains (1 - w0) * 1, its initial bias shows; the
+    # bias-corrected one gains exactly 1; BatchNorm1d agrees
+    shifted, w0 = res["shifted"], res["init_weight"]
+    assert shifted["true_mean"] == pytest.approx(res["true_mean"] + 1)
+    assert shifted["ema"] - res["ema"] == pytest.approx(1 - w0, abs=1e-12)
+    assert shifted["ema_corrected"] - res["ema_corrected"] == pytest.approx(1, abs=1e-12)
+    assert shifted["bn_running_mean"] == pytest.approx(shifted["ema"], abs=1e-5)
+    assert f"PyTorch ema {shifted['ema']:.4f} (expects (1 - 0.135) * 1 = 0.8648)" in text
+
+
+def test_ema_demo_plot_is_a_png(tmp_path: Path, capsys) -> None:
+    demo = _demo()
+    out = tmp_path / "ema.png"
+    assert demo.main(["--repeats", "20", "--plot", str(out)]) == 0
+    width, height = png_size(out)
+    assert width > 1000 and height > 400
+    assert "plot written to" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------- end to end

@@ -19,7 +19,13 @@ from mnistlab.config import CONF_DIR, register, validate
 
 from conftest import ROOT, read_jsonl, read_summary, run_app
 
-SCRIPTS = ("mnistlab-train", "mnistlab-plan", "mnistlab-compare", "mnistlab-eval")
+SCRIPTS = (
+    "mnistlab-train",
+    "mnistlab-plan",
+    "mnistlab-compare",
+    "mnistlab-eval",
+    "mnistlab-report",
+)
 
 
 def script(name: str, bindir: Path | None = None) -> str:

@@ -19,6 +19,7 @@ def test_digits_split_is_fixed_stratified_and_normalized() -> None:
     assert len(d.train) == data.TRAIN_SIZES["digits"]
     assert len(d.train) + len(d.test) == 1797
     assert d.image_shape == (1, 8, 8)
+    assert data.SHAPES["digits"] == (d.image_shape, d.num_classes)  # the report's table
     # normalized with the training split's own statistics
     assert abs(float(d.train.x.double().mean())) < 1e-5
     assert abs(float(d.train.x.double().std()) - 1) < 1e-4
@@ -79,6 +80,7 @@ def test_torchvision_classes_read_generated_idx(mnist_root: Path, name: str, fol
     d = data.load(DatasetConfig(name, str(mnist_root), download=False))
     assert len(d.train) == 600 and len(d.test) == 200
     assert d.image_shape == (1, 28, 28)
+    assert data.SHAPES[name] == (d.image_shape, d.num_classes)
     assert d.train.x.dtype == torch.float32 and d.train.y.dtype == torch.int64
     assert abs(float(d.train.x.double().mean())) < 1e-5
     assert int(d.train.y.min()) >= 0 and int(d.train.y.max()) <= 9

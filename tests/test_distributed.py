@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -23,7 +24,7 @@ from mnistlab.config import CONF_DIR, register
 from mnistlab.errors import ConfigError
 
 from conftest import ROOT, read_jsonl, read_summary, run_app
-from faults import RaiseAtStep, override
+from faults import KillRankAt, RaiseAtStep, override
 
 TINY = ("trainer.epochs=2", "trainer.num_threads=1", "trainer.progress=none")
 CPU_CORES = len(os.sched_getaffinity(0))
@@ -280,3 +281,53 @@ def test_two_gloo_processes_are_deterministic(tmp_path: Path) -> None:
         assert p.returncode == 0, p.stderr
     rows_a = (tmp_path / "a" / "metrics.jsonl").read_text()
     assert rows_a and rows_a == (tmp_path / "b" / "metrics.jsonl").read_text()
+
+
+@pytest.mark.slow
+def test_a_rank_that_dies_is_named(tmp_path: Path) -> None:
+    """Rank 1 vanishes (SIGKILL); rank 0 then fails for want of it: the line names rank 1."""
+    args = ("trainer.devices=2", *TINY, *override("kill", KillRankAt, rank=1, at=5))
+    p = run_app(tmp_path, *args)
+    assert p.returncode == 1, p.stderr[-3000:]
+    line = _last_line(p.stderr)
+    assert "rank 1 failed: the process died (SIGKILL)" in line, p.stderr[-3000:]
+    assert read_summary(tmp_path)["status"] == "failed"
+
+
+# 200 samples on two ranks, batch 16, windows of 2: rows every 3 steps, BN points, dropout
+TWO = ("trainer.devices=2", "dataset.limit_train=200", "trainer.batch_size=16",
+       "trainer.grad_accum=2", "trainer.log_every_n_steps=3", "regularizer=dropout",
+       "trainer.num_threads=1", "trainer.progress=none", "logger=none")  # fmt: skip
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_two_rank_run_checkpoints_and_resumes_bit_for_bit(tmp_path: Path) -> None:
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert run_app(whole, *TWO, "trainer.epochs=40").returncode == 0
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    cmd = [
+        sys.executable,
+        "-m",
+        "mnistlab.train",
+        f"hydra.run.dir={cut}",
+        *TWO,
+        "trainer.epochs=40",
+    ]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    metrics, deadline = cut / "metrics.jsonl", time.monotonic() + 120
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 6):
+        assert proc.poll() is None and time.monotonic() < deadline, "ended before the signal"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    lines = [ln for ln in err.splitlines() if "interrupted by SIGTERM" in ln]
+    assert len(lines) == 1 and "continue with" in lines[0], err[-3000:]
+    s = read_summary(cut)
+    assert s["status"] == "interrupted" and s["world_size"] == 2
+    p = run_app(cut, "trainer.resume=true")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert read_jsonl(cut / "metrics.jsonl") == read_jsonl(whole / "metrics.jsonl")
+    a, b = read_summary(cut), read_summary(whole)
+    assert a["final"] == b["final"] and a["bn"] == b["bn"] and a["counted"] == b["counted"]

@@ -264,3 +264,77 @@ def test_idx_content_errors_name_the_split(tmp_path: Path, how: str, needles: li
     with pytest.raises(data.DataError) as e:
         data.load(DatasetConfig("mnist", str(root), download=False))
     assert all(n in str(e.value) for n in needles) and "\n" not in str(e.value), str(e.value)
+
+
+SWEEP = (*TINY[:-1], "logger=none", "trainer.checkpoint_every_n_steps=null")
+
+
+def sweep(sweep_dir: Path, *overrides: str) -> subprocess.Popen[str]:
+    args = [sys.executable, "-m", "mnistlab.train", "-m", f"hydra.sweep.dir={sweep_dir}"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([*args, *overrides], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+
+def statuses(sweep_dir: Path) -> dict[str, str]:
+    import csv
+
+    with open(sweep_dir / "sweep_summary.csv") as f:
+        return {Path(r["run"]).name: r["status"] for r in csv.DictReader(f)}
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Live processes whose command line names ``text`` (the sweep's folder)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text.encode() in cmdline.read_bytes():
+                found.append(int(cmdline.parent.name))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("launcher", "jobs", "running"),
+    [
+        ((), ["trainer.epochs=2,150,2"], ["1"]),  # job 0 done, 1 running, 2 not started
+        (
+            ("hydra/launcher=joblib", "hydra.launcher.n_jobs=2"),
+            ["trainer.epochs=150", "trainer.seed=0,1,2"],
+            ["0", "1"],  # two running at once, the third not started
+        ),
+    ],
+    ids=["basic", "joblib"],
+)
+def test_a_stopped_sweep_checkpoints_its_jobs_and_resumes_as_a_whole(
+    tmp_path: Path, launcher: tuple[str, ...], jobs: list[str], running: list[str]
+) -> None:
+    overrides = (*SWEEP, *launcher, *jobs)
+    proc = sweep(tmp_path, *overrides)
+    for job in running:
+        wait_for_rows(tmp_path / job, proc, 5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "sweep interrupted by SIGTERM" in err and "trainer.resume=true" in err
+    assert not processes_mentioning(str(tmp_path)), "a job process outlived its sweep"
+    stopped = statuses(tmp_path)
+    assert all(stopped[j] == "interrupted" for j in running)
+    assert set(stopped.values()) <= {"interrupted", "completed"}, stopped
+    if not launcher:  # one job after another: the third never started
+        assert stopped == {"0": "completed", "1": "interrupted"}
+    done = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/summary.json")
+            if stopped.get(p.parent.name) == "completed"}  # fmt: skip
+    for job in running:
+        assert (tmp_path / job / checkpoint.LAST).is_file()
+
+    again = sweep(tmp_path, *overrides, "trainer.resume=true")
+    _, err = again.communicate(timeout=600)
+    assert again.returncode == 0, err[-3000:]
+    assert set(statuses(tmp_path).values()) == {"completed"} and len(statuses(tmp_path)) == 3
+    for job in running:
+        assert "resuming from" in (tmp_path / job / "train.log").read_text()
+    for path, mtime in done.items():  # a job that had completed was not run again
+        assert path.stat().st_mtime_ns == mtime

@@ -17,6 +17,7 @@ import io
 import os
 import random
 import signal
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -38,6 +39,7 @@ VERSION = 1
 
 # Settings of this process rather than of the training (``callbacks`` observe the loop): a
 # resumed run always takes them from its own command line.
+REPEAT_S = 2.0  # a second SIGTERM/SIGINT within this many seconds is the same stop
 LOCAL = ("trainer.resume", "trainer.progress", "trainer.num_threads", "callbacks")
 # What a resumed run may change when its command line gives it: where the data is, how it is
 # logged, more epochs (to extend a finished or running training), another checkpoint
@@ -50,6 +52,7 @@ MAY_CHANGE = (
     "trainer.epochs",
     "trainer.checkpoint_every_n_steps",
     "optimizer.lr",
+    "report",
 )
 
 
@@ -269,8 +272,10 @@ class Checkpointer(Callback):
     """The loop's boundary callback: saves ``last.pt`` at every epoch end, every
     ``every_n_steps`` optimizer steps, and when SIGTERM/SIGINT arrived (then stops the run).
 
-    It writes ``<out_dir>/checkpoints/last.pt`` on rank 0 only (every rank stops at the same
-    step boundary). ``listeners`` hear of every save (:meth:`Callback.on_save`).
+    It writes ``<out_dir>/checkpoints/last.pt`` on rank 0 only. Every rank stops at the same
+    step boundary: ``agree`` maps this rank's signal number (0: none) to the largest over all
+    ranks (:func:`mnistlab.distributed.any_rank`). ``listeners`` hear of every save
+    (:meth:`Callback.on_save`).
     """
 
     def __init__(
@@ -282,28 +287,31 @@ class Checkpointer(Callback):
         every_n_steps: int | None,
         rank: int = 0,
         listeners: Sequence[Callback] = (),
+        agree: Callable[[int], int] = int,
     ) -> None:
         self.path, self.model, self.optimizer = Path(out_dir) / LAST, model, optimizer
         self.config, self.every, self.listeners = config, every_n_steps, listeners
         self.write = rank == 0
+        # Several ranks stop at the same step: each asks whether any rank got a signal.
+        self.agree = agree
         self.metrics_path = Path(out_dir) / "metrics.jsonl"  # its size marks the rows kept
         self.stop_signal: int | None = None
+        self.stop_time = 0.0
         self.last_saved_step: int | None = None
         self.extra: dict[str, Any] = {}  # e.g. the W&B run id, for the run to resume under
 
     def on_step_end(self, counter: StepCounter, running: Running) -> None:
-        step = counter.optimizer_steps
-        if self.stop_signal is not None or (self.every is not None and step % self.every == 0):
+        step, signum = counter.optimizer_steps, self.agree(self.stop_signal or 0)
+        if signum or (self.every is not None and step % self.every == 0):
             self.save(counter, running.as_dict())
-        self._stop_if_asked(step)
+        if signum:
+            raise Interrupted(signum, step)
 
     def on_epoch_end(self, counter: StepCounter, running: Running) -> None:
+        signum = self.agree(self.stop_signal or 0)
         self.save(counter, running.as_dict())
-        self._stop_if_asked(counter.optimizer_steps)
-
-    def _stop_if_asked(self, step: int) -> None:
-        if self.stop_signal is not None:
-            raise Interrupted(self.stop_signal, step)
+        if signum:
+            raise Interrupted(signum, counter.optimizer_steps)
 
     def save(self, counter: StepCounter, running: Mapping[str, Any]) -> None:
         # Never keep a checkpoint of a diverged model: the loss check may be sparse on GPU.
@@ -333,9 +341,12 @@ class Checkpointer(Callback):
         stops at once (KeyboardInterrupt)."""
 
         def handler(signum: int, frame: Any) -> None:
-            if self.stop_signal is not None:
+            # The same stop can arrive twice at once (Ctrl-C reaches the process group and a
+            # sweep passes it on): only a second signal a while later means "stop now".
+            if self.stop_signal is not None and time.monotonic() - self.stop_time > REPEAT_S:
                 raise KeyboardInterrupt
-            self.stop_signal = signum
+            if self.stop_signal is None:
+                self.stop_signal, self.stop_time = signum, time.monotonic()
 
         previous: dict[int, Callable[..., Any] | int | None] = {}
         try:

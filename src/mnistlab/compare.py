@@ -1,4 +1,4 @@
-"""Comparing runs locally: the table over run folders, and the sweep's ``sweep_summary.csv``.
+"""Comparing runs locally: the table over run folders (``sweep_summary.csv`` uses it too).
 
 Every run folder holds a ``summary.json``; a sweep folder holds one run folder per job.
 ``python -m mnistlab.compare outputs/multirun/<day>/<time>`` (also ``mnistlab-compare``)
@@ -23,9 +23,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-
-from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
 
 from . import aggregate
 from .aggregate import Stat, merge_rows, number
@@ -122,37 +119,6 @@ def to_csv(rows: list[dict[str, Any]], columns: Sequence[str] = COLUMNS) -> str:
 
 def _stat_fields(column: str) -> list[str]:
     return [f"{column}_mean", f"{column}_std", f"{column}_n"]
-
-
-class SweepSummary(Callback):
-    """At the end of a ``-m`` sweep: write ``sweep_summary.csv``; exit non-zero if a job failed."""
-
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir)
-        runs = find_runs([sweep_dir])
-        rows = [row_of(r) for r in runs]
-        keys = differing_overrides(rows)
-        for row in rows:
-            row.update(parse_overrides(row["overrides"]))
-        columns = ["run", *keys, *COLUMNS[1:]]
-        atomic_write_bytes(sweep_dir / "sweep_summary.csv", to_csv(rows, columns).encode())
-        offline = offline_wandb_runs(runs)
-        if offline:
-            log.info(
-                "W&B: %d offline runs; upload them with: wandb sync %s",
-                len(offline),
-                " ".join(map(str, offline)),
-            )
-        failed = [r for r in rows if r["status"] != "completed"]
-        if failed:
-            log.error(
-                "%d of %d jobs did not complete (%s); see %s",
-                len(failed),
-                len(rows),
-                "; ".join(f"[{r['overrides']}] {r['status']}" for r in failed),
-                sweep_dir / "sweep_summary.csv",
-            )
-            sys.exit(1)
 
 
 # --- the table ----------------------------------------------------------------------------------

@@ -134,6 +134,9 @@ class Config:
     bn_stats: BNStatsConfig = field(default_factory=BNStatsConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    # At the end of a completed run, pictures and report.md in <run>/report/ (mnistlab.report),
+    # written before the W&B run closes.
+    report: bool = False
     # Extra loop callbacks by name, each a ``_target_`` class (mnistlab.loop.Callback)
     # that Hydra instantiates in every process of the run: ``+callbacks.x._target_=pkg.Cls``.
     callbacks: dict[str, Any] = field(default_factory=dict)

@@ -281,6 +281,17 @@ TRAIN_SIZES = {
     "qmnist": 60000,
 }
 
+# Image shape (channels, height, width) and class count, so a model can be rebuilt from a
+# checkpoint's config without the data (``python -m mnistlab.report``'s weight histogram).
+SHAPES: dict[str, tuple[tuple[int, int, int], int]] = {
+    "digits": ((1, 8, 8), 10),
+    "mnist": ((1, 28, 28), 10),
+    "fashion_mnist": ((1, 28, 28), 10),
+    "kmnist": ((1, 28, 28), 10),
+    "emnist": ((1, 28, 28), 47),
+    "qmnist": ((1, 28, 28), 10),
+}
+
 
 @functools.lru_cache(maxsize=4)
 def _load_full(name: str, root: str, download: bool) -> Data:

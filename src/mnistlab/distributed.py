@@ -20,6 +20,7 @@ so a rank stuck waiting for a vanished peer cannot hang forever.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
 import importlib
@@ -28,12 +29,13 @@ import logging
 import os
 import pickle
 import shutil
+import signal
 import socket
 import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -407,10 +409,11 @@ def spawn(target: str, launch: Launch, *args: Any, num_threads: Any = "auto") ->
         quiet = logging.getLogger("torch.multiprocessing.spawn")
         level, quiet.level = quiet.level, logging.ERROR  # "Terminating process ..." is ours to say
         try:
-            while not ctx.join(timeout=1.0):
-                pass
+            with _passing_on_signals(ctx.pids()):
+                while not ctx.join(timeout=1.0):
+                    pass
         except ProcessException as e:  # join has already terminated the other ranks
-            raise _first_error(Path(results), e) from None
+            raise _first_error(Path(results), e, [p.exitcode for p in ctx.processes]) from None
         finally:
             quiet.setLevel(level)
         out = []
@@ -426,9 +429,46 @@ def spawn(target: str, launch: Launch, *args: Any, num_threads: Any = "auto") ->
         shutil.rmtree(results, ignore_errors=True)
 
 
-def _first_error(results: Path, e: Exception) -> WorkerError:
-    """The root cause: the earliest error a rank reported (a peer that failed because this
-    one vanished reports later), else what ``join`` saw (exit code or signal)."""
+@contextlib.contextmanager
+def _passing_on_signals(pids: list[int]) -> Iterator[None]:
+    """SIGTERM/SIGINT to this process go on to the ranks, which stop together at their next
+    step boundary (:func:`any_rank`): checkpoint, summary ``interrupted``, as one run."""
+
+    def handler(signum: int, frame: Any) -> None:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def any_rank(value: int) -> int:
+    """The largest ``value`` over all ranks (a collective; the value itself without a group):
+    how every rank learns that one of them got a stop signal, at the same step."""
+    import torch
+    import torch.distributed as dist
+
+    if world_size() == 1:
+        return value
+    on_gpu = dist.get_backend() == "nccl"
+    box = torch.tensor([value], device="cuda" if on_gpu else "cpu")
+    dist.all_reduce(box, op=dist.ReduceOp.MAX)
+    return int(box.item())
+
+
+def _first_error(results: Path, e: Exception, exit_codes: list[int | None]) -> WorkerError:
+    """The root cause: a rank that died by a signal without a word (killed; its peers then
+    fail for want of it, and join ends the rest with SIGTERM), else the earliest error a rank
+    reported, else what ``join`` saw (exit code or signal)."""
+    reported = {int(f.stem.split("-")[1]) for f in results.glob("error-*.json")}
+    for rank_, code in enumerate(exit_codes):
+        if code is not None and code < 0 and -code != signal.SIGTERM and rank_ not in reported:
+            return WorkerError(rank_, f"the process died ({signal.Signals(-code).name})")
     found = []
     for f in results.glob("error-*.json"):
         try:

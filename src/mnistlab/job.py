@@ -88,7 +88,8 @@ def setup(cfg: DictConfig, out_dir: Path, rank: int = 0, world_size: int = 1) ->
     cadence = Cadence.of(plan.total_steps, *steps, has_bn=has_bn)
     extra = _callbacks(cfg.callbacks)
     every = t.checkpoint_every_n_steps
-    ckpt = Checkpointer(out_dir, model, optimizer, config, every, rank=rank, listeners=extra)
+    agree = distributed.any_rank if world_size > 1 else int  # ranks stop at one step
+    ckpt = Checkpointer(out_dir, model, optimizer, config, every, rank, extra, agree)
     monitor = bnstats.Monitor(
         model, train.x, batch_size=t.batch_size, cadence=cadence, probe_samples=b.probe_samples,
         seed=t.seed, precision=t.precision, rank=rank, world_size=world_size,
@@ -206,8 +207,24 @@ def train(job: Job, started: float) -> dict[str, Any]:
     finally:
         summary.setdefault("counted", job.counter.counted())  # diverged or interrupted: how far
         summary["timings"]["wall_s"] = time.perf_counter() - started
+        if job.cfg.report and summary["status"] == "completed" and distributed.is_rank_zero():
+            summary["timings"]["report_s"] = _report(job.out_dir, summary)
         summary["timings"].update(job.sinks.finish(summary))  # W&B's own costs
     return summary
+
+
+def _report(out_dir: Path, summary: dict[str, Any]) -> float:
+    """``report=true``: the run's pictures, before W&B closes (so it can log them). A report
+    that fails costs one warning line, never the run. Returns its seconds."""
+    t0 = time.perf_counter()
+    try:
+        from .report import write_report
+
+        write_report(out_dir, summary)
+    except Exception as e:
+        log.warning("report not written (%s: %s); the run is fine: python -m mnistlab.report %s",
+                    type(e).__name__, e, out_dir)  # fmt: skip
+    return time.perf_counter() - t0
 
 
 def _diverged(job: Job, e: Diverged) -> dict[str, Any]:

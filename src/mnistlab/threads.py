@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import time
 from typing import Any
 
-from hydra.experimental.callback import Callback
-
 from .callbacks import Callback as LoopCallback
-from .errors import ConfigError, report
+from .errors import ConfigError
 
 
 def cpu_cores() -> int:
@@ -56,18 +53,6 @@ def parallel_jobs(hydra_cfg: Any) -> int:
     return max(1, int(n))
 
 
-class LauncherCheck(Callback):
-    """Refuse launcher settings that cannot run, with one line before the launcher starts
-    any job (the launcher's own error would be a traceback from inside joblib)."""
-
-    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
-        launcher = config.hydra.launcher
-        if "joblib" in str(launcher.get("_target_", "")) and launcher.get("n_jobs") == 0:
-            allowed = "an integer >= 1, or negative to count back from the cores (-1: one per core)"
-            # Hydra turns a callback's exception into a warning and goes on: stop here instead.
-            sys.exit(report(str(ConfigError("hydra.launcher.n_jobs", 0, allowed))))
-
-
 def busy_seconds(cores: set[int]) -> float:
     """CPU seconds the machine spent busy on ``cores`` since boot (``/proc/stat``: user, nice,
     system, irq, softirq and steal; idle and iowait are not busy). 0 where there is none."""
@@ -82,6 +67,9 @@ def busy_seconds(cores: set[int]) -> float:
         if int(v[0][3:]) in cores
     )
     return ticks / os.sysconf("SC_CLK_TCK")
+
+
+NOISE_CORES = 0.75  # others' load on our cores below this does not take a thread away
 
 
 class ThreadGovernor(LoopCallback):
@@ -103,9 +91,10 @@ class ThreadGovernor(LoopCallback):
         return time.monotonic(), busy_seconds(self.cores), own.user + own.system
 
     def threads_for(self, others: float) -> int:
-        """Threads to use while other processes use ``others`` cores of ours (a quarter of
-        a core of background noise is ignored)."""
-        return max(1, min(self.most, self.most - math.ceil(others - 0.25)))
+        """Threads to use while other processes use ``others`` cores of ours: one core less
+        per core they keep busy (up to three quarters of a core is background noise, such as
+        W&B's service process)."""
+        return max(1, min(self.most, self.most - math.ceil(others - NOISE_CORES)))
 
     def on_step(self, step: int) -> None:
         import torch

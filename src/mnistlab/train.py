@@ -5,11 +5,12 @@ run's processes (one, spawned ranks, or a torchrun rank) around :mod:`mnistlab.j
 A single run ends with a non-zero exit on failure: 2 for a user's mistake (one ``error:``
 line), 1 for a failed run, 128 + signal when interrupted. In a ``-m`` sweep a failed job
 returns NaN (its ``summary.json`` says ``failed``) so the other jobs go on; the sweep callback
-in :mod:`mnistlab.compare` then writes ``sweep_summary.csv`` and exits non-zero.
+in :mod:`mnistlab.sweep` then writes ``sweep_summary.csv`` and exits non-zero.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -25,7 +26,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
-from . import distributed, lock
+from . import distributed, lock, sweep
 from .config import CONF_DIR, hydra_error_line, register, validate
 from .errors import USER_ERROR_EXIT, UserError, report, user_message
 from .files import atomic_write_json
@@ -49,7 +50,7 @@ def run(cfg: DictConfig, hc: Any, started: float) -> float:
             summary, code, launch = _attempt(cfg, hc, out_dir, started)
     except UserError as e:  # the folder is in use, or a resume was refused: left as it was
         return _stop(report(str(e)), multirun)
-    return _outcome(summary, code, multirun, launch, out_dir, cfg.objective.metric)
+    return _outcome(summary, code, hc, launch, out_dir, cfg.objective.metric)
 
 
 def _attempt(
@@ -58,6 +59,10 @@ def _attempt(
     """Validate and train; any failure becomes a failed summary with its one line (a bug's
     traceback is printed first). Returns the summary, the exit code if it failed, the launch."""
     launch: distributed.Launch | None = None
+    done = _already_completed(cfg, hc, out_dir)
+    if done is not None:  # a resumed sweep: this job finished before; nothing to run
+        log.info("already completed: %s (skipped)", out_dir / "summary.json")
+        return done, 0, None
     try:
         cfg, launch = _prepare(cfg, hc, out_dir)
         summary, code = _dispatch(launch, cfg, out_dir, hc, started), 1
@@ -73,6 +78,20 @@ def _attempt(
     if launch is None or launch.rank == 0:  # only rank 0 writes (torchrun: every rank is here)
         _write_summary(out_dir, summary, cfg, hc, started)
     return summary, code, launch
+
+
+def _already_completed(cfg: DictConfig, hc: Any, out_dir: Path) -> dict[str, Any] | None:
+    """In a sweep run again with ``trainer.resume=true``: the summary of a job that already
+    completed all the epochs asked for, else None."""
+    if not cfg.trainer.resume or hc.mode != RunMode.MULTIRUN:
+        return None
+    try:
+        summary = json.loads((out_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    epochs = summary.get("counted", {}).get("epochs", 0) if isinstance(summary, dict) else 0
+    done = summary.get("status") == "completed" and epochs >= cfg.trainer.epochs
+    return summary if done else None
 
 
 def _known_failure(e: Exception) -> tuple[str, int] | None:
@@ -91,9 +110,12 @@ def _prepare(cfg: DictConfig, hc: Any, out_dir: Path) -> tuple[DictConfig, distr
         OmegaConf.to_container(cfg, resolve=True)  # a resolver's error is the user's value
     except InterpolationResolutionError as e:
         raise UserError(hydra_error_line(e)) from None
-    if cfg.trainer.resume:
-        from .checkpoint import LAST, resume_config
+    from .checkpoint import LAST, resume_config
 
+    if cfg.trainer.resume and hc.mode == RunMode.MULTIRUN and not (out_dir / LAST).exists():
+        cfg = cfg.copy()  # a resumed sweep's job that never started: it starts now
+        cfg.trainer.resume = False
+    if cfg.trainer.resume:
         cfg = resume_config(out_dir / LAST, cfg, list(hc.overrides.task))
     validate(cfg)
     return cfg, distributed.plan_launch(cfg)
@@ -172,16 +194,17 @@ def _write_summary(
 def _outcome(
     summary: dict[str, Any],
     code: int,
-    multirun: bool,
+    hc: Any,
     launch: distributed.Launch | None,
     out_dir: Path,
     metric: str,
 ) -> float:
     """The job's exit: the objective's value for the sweeper (``objective.metric``), or the
     error line and its exit code."""
-    error = summary.get("error")
-    if summary["status"] == "interrupted":  # stop a sweep too: the user asked to stop
+    error, multirun = summary.get("error"), hc.mode == RunMode.MULTIRUN
+    if summary["status"] == "interrupted":  # the user asked to stop: a sweep stops too
         print(error, file=sys.stderr, flush=True)
+        sweep.stop_if_sweeping(summary["signal"])
         sys.exit(128 + summary["signal"])
     if summary["status"] != "completed":
         print(error or "error: run failed", file=sys.stderr, flush=True)
