@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import sys
 from pathlib import Path
 
@@ -182,9 +181,3 @@ def test_plan_cli(tmp_path: Path) -> None:
     assert "Total optimizer steps                 = 530" in p.stdout
     bad = plan("trainer.nope=1")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "trainer.nope" in bad.stderr
-
-
-def test_console_scripts_installed() -> None:
-    bindir = Path(sys.executable).parent
-    for name in ("mnistlab-train", "mnistlab-plan", "mnistlab-compare"):
-        assert shutil.which(name, path=str(bindir)), name

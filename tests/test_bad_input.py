@@ -70,7 +70,7 @@ def assert_one_line_error(p: subprocess.CompletedProcess[str], *needles: str) ->
 
 # (overrides, what the one line must contain: the key, the value, what is allowed)
 CASES = {
-    "unknown choice": (["model=foo"], ["model='foo'", "one of cnn, mlp"]),
+    "unknown choice": (["model=foo"], ["model='foo'", "one of cnn, lenet, mlp"]),
     "unknown key": (["trainer.batch_sz=3"], ["trainer.batch_sz", "batch_size"]),
     "appended unknown key": (["+trainer.typo=1"], ["trainer.typo=1", "no such key"]),
     "unknown group": (["modle=mlp"], ["modle", "one of dataset, model"]),
@@ -87,7 +87,10 @@ CASES = {
     "dropout negative": (["regularizer.dropout=-0.1"], ["regularizer.dropout=-0.1", "[0, 1)"]),
     "negative l1": (["regularizer.l1=-1"], ["regularizer.l1=-1", ">= 0"]),
     "negative l2": (["regularizer.l2=-0.5"], ["regularizer.l2=-0.5", ">= 0"]),
-    "sweep with unknown choice": (["-m", "model=mlp,foo"], ["model='foo'", "one of cnn, mlp"]),
+    "sweep with unknown choice": (
+        ["-m", "model=mlp,foo"],
+        ["model='foo'", "one of cnn, lenet, mlp"],
+    ),
     # every number finite and in range, whatever the key
     "nan lr": (["optimizer.lr=nan"], ["optimizer.lr=nan", "finite number > 0"]),
     "inf lr": (["optimizer.lr=inf"], ["optimizer.lr=inf", "finite number > 0"]),

@@ -14,9 +14,8 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from mnistlab.config import register, validate
+from mnistlab.config import CONF_DIR, register, validate
 from mnistlab.job import run as run_job
-from mnistlab.plan import CONF_DIR
 
 pytestmark = [
     pytest.mark.cuda,

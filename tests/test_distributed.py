@@ -20,7 +20,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from mnistlab import distributed
-from mnistlab.config import register
+from mnistlab.config import CONF_DIR, register
 from mnistlab.errors import ConfigError
 
 from conftest import ROOT, read_jsonl, read_summary, run_app
@@ -32,7 +32,7 @@ CPU_CORES = len(os.sched_getaffinity(0))
 
 def _cfg(*overrides: str) -> Any:
     register()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name="config", overrides=list(overrides))
 
 

@@ -222,8 +222,7 @@ def test_accelerator_cuda_without_a_gpu_names_the_accelerator() -> None:
     from hydra import compose, initialize_config_dir
 
     from mnistlab import distributed
-    from mnistlab.config import register
-    from mnistlab.plan import CONF_DIR
+    from mnistlab.config import CONF_DIR, register
 
     register()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

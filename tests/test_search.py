@@ -23,9 +23,8 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
-from mnistlab.config import register
+from mnistlab.config import CONF_DIR, register
 from mnistlab.errors import ConfigError
-from mnistlab.plan import CONF_DIR
 from mnistlab.search import JOURNAL, RESULTS, RETRY_OF, first_point, overrides_of, search_space
 
 from conftest import read_summary, run_app

@@ -22,10 +22,10 @@ from hydra_plugins.hydra_joblib_launcher.config import JobLibLauncherConf
 from omegaconf import OmegaConf
 
 from mnistlab import compare, sinks
-from mnistlab.config import register
+from mnistlab.config import CONF_DIR, register
 from mnistlab.errors import ConfigError
-from mnistlab.plan import CONF_DIR, plan_from_overrides
 from mnistlab.plan import main as plan_main
+from mnistlab.plan import plan_from_overrides
 from mnistlab.steps import Cadence, StepPlan
 from mnistlab.threads import parallel_jobs
 

@@ -19,8 +19,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from mnistlab import compare, wandb_run
-from mnistlab.config import register
-from mnistlab.plan import CONF_DIR
+from mnistlab.config import CONF_DIR, register
 
 from conftest import read_jsonl, read_summary, run_app
 from test_sweeps import leet, no_credentials_env, wandb_run_dir

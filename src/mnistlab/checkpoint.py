@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 
-from .errors import ConfigError, Diverged, Interrupted
+from .errors import ConfigError, Diverged, Interrupted, UserError
 from .files import atomic_write_bytes, flatten
 from .loop import Callback, Running
 from .models import unwrap
@@ -139,8 +139,32 @@ def digest(state: Mapping[str, Any]) -> str:
     return h.hexdigest()
 
 
+class CheckpointError(UserError):
+    """A checkpoint that is missing, unreadable, damaged or not for this model: one line."""
+
+
 def read(path: Path) -> dict[str, Any]:
-    """A checkpoint whose contents match the digest it was written with, else one line."""
+    """A checkpoint (tensors on the CPU) whose contents match the digest it was written with,
+    or a CheckpointError saying why not."""
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a checkpoint from elsewhere, or a damaged file
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path} is not a readable checkpoint ({msg})") from None
+    if not isinstance(state, dict) or state.get("version") != VERSION:
+        raise CheckpointError(f"{path} is not a mnistlab checkpoint v{VERSION}")
+    if state.get("digest") != digest(state):
+        raise CheckpointError(
+            f"{path} is damaged (its contents differ from the digest written with it) and "
+            "was not loaded; restore a copy, or start the run afresh in another folder"
+        )
+    return state
+
+
+def read_for_resume(path: Path) -> dict[str, Any]:
+    """:func:`read` for ``trainer.resume=true``: its errors as that key's ConfigError."""
     if not path.is_file():
         raise ConfigError(
             "trainer.resume",
@@ -148,22 +172,9 @@ def read(path: Path) -> dict[str, Any]:
             f"no checkpoint at {path}; point hydra.run.dir at the folder of the run to resume",
         )
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a checkpoint from elsewhere, or a damaged file
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ConfigError(
-            "trainer.resume", True, f"{path} is not a readable checkpoint ({msg})"
-        ) from None
-    if not isinstance(state, dict) or state.get("version") != VERSION:
-        raise ConfigError("trainer.resume", True, f"{path} is not a mnistlab checkpoint v{VERSION}")
-    if state.get("digest") != digest(state):
-        raise ConfigError(
-            "trainer.resume",
-            True,
-            f"{path} is damaged (its contents differ from the digest written with it) and "
-            "was not loaded; restore a copy, or start the run afresh in another folder",
-        )
-    return state
+        return read(path)
+    except CheckpointError as e:
+        raise ConfigError("trainer.resume", True, str(e)) from None
 
 
 def config_differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
@@ -184,7 +195,7 @@ def may_change(key: str) -> bool:
 
 def load_for_resume(path: Path, config: Mapping[str, Any]) -> dict[str, Any]:
     """The checkpoint to resume from, or one ConfigError line saying why there is none."""
-    state = read(path)
+    state = read_for_resume(path)
     diffs = config_differences(state["config"], config)
     if diffs:
         raise ConfigError(
@@ -196,6 +207,19 @@ def load_for_resume(path: Path, config: Mapping[str, Any]) -> dict[str, Any]:
     return state
 
 
+def load_weights(state: Mapping[str, Any], model: nn.Module, path: Path | None = None) -> None:
+    """The checkpoint's weights and BN buffers into ``model``, or a CheckpointError when they
+    don't fit it (a config whose model differs from the one that was saved)."""
+    try:
+        unwrap(model).load_state_dict(state["model"])
+    except RuntimeError as e:
+        reason = str(e).strip().splitlines()
+        raise CheckpointError(
+            f"{path or 'the checkpoint'} does not fit the model of this config "
+            f"({reason[-1].strip()})"
+        ) from None
+
+
 def resume_config(path: Path, cfg: Any, given: Sequence[str]) -> Any:
     """The config a resumed run trains with: the checkpoint's own, except the keys in
     :data:`LOCAL` and the keys the command line ``given`` (Hydra's task overrides) names,
@@ -203,7 +227,7 @@ def resume_config(path: Path, cfg: Any, given: Sequence[str]) -> Any:
     trainer.resume=true`` alone resumes the run as it was configured."""
     from omegaconf import OmegaConf
 
-    saved = flatten(read(path)["config"])
+    saved = flatten(read_for_resume(path)["config"])
     now = flatten(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
     named = [o.split("=", 1)[0].lstrip("+~") for o in given]
 
@@ -238,7 +262,7 @@ def restore(
     """Load model, optimizer and scheduler (after the optimizer: its rates are the
     scheduler's); return the counter and running sums. RNG is set last, by
     :func:`set_rng_state`, just before the loop starts (building the model draws from it)."""
-    unwrap(model).load_state_dict(state["model"])
+    load_weights(state, model)
     optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None:  # the config check guarantees the checkpoint has one too
         scheduler.load_state_dict(state["scheduler"])

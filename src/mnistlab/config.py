@@ -10,10 +10,25 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
 from .threads import resolve_threads
+
+
+def _conf_dir() -> Path:
+    """Where Hydra reads the config groups. A wheel carries the repository's top-level
+    ``conf/`` inside the package (``mnistlab/conf``, copied by ``setup.py``); a source checkout,
+    as the editable install and ``PYTHONPATH=src`` use it, has it two levels above this file.
+    An absolute path, so every entry (``python -m``, the console scripts, tab completion) finds
+    it from any folder."""
+    here = Path(__file__).resolve().parent
+    packaged = here / "conf"
+    return packaged if packaged.is_dir() else here.parents[1] / "conf"
+
+
+CONF_DIR = _conf_dir()
 
 
 @dataclass
@@ -193,7 +208,7 @@ def one_line(exc: BaseException) -> str:
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     if exc.__cause__ is not None:
         lines += [ln.strip() for ln in str(exc.__cause__).splitlines() if ln.strip()][:1]
-    skip = ("full_key", "object_type", "Set the env")  # Hydra's hints ("To append ...") stay
+    skip = ("full_key", "object_type", "reference_type", "Set the env")  # Hydra's hints stay
     keep = [ln.rstrip(".") for ln in lines if not ln.startswith(skip)]
     return ": ".join(dict.fromkeys(keep[:3]))
 
@@ -224,8 +239,9 @@ def hydra_error_line(exc: BaseException) -> str:
     first = str(exc).splitlines()[0] if str(exc) else ""
     if "raised while resolving interpolation: " in first:  # e.g. a resolver's ConfigError
         return first.split("raised while resolving interpolation: ", 1)[1]
-    cause = exc.__cause__
-    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and cause.full_key:
+    key_errors = (ConfigKeyError, ConfigAttributeError)  # Hydra's carry OmegaConf's as cause
+    cause = exc if isinstance(exc, key_errors) else exc.__cause__
+    if isinstance(cause, key_errors) and cause.full_key:
         parent, _, _ = str(cause.full_key).rpartition(".")
         allowed = _schema_keys(parent)
         if allowed:

@@ -8,6 +8,7 @@ sweep's jobs share it. torchvision is imported only when one of its datasets is 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import math
@@ -52,6 +53,12 @@ class Data:
     def image_shape(self) -> tuple[int, int, int]:
         c, h, w = self.train.x.shape[1:]
         return int(c), int(h), int(w)
+
+    def splits(self) -> dict[str, Split]:
+        """Every split this dataset holds, by field name (``train``, ``test``, ...): code that
+        moves or evaluates all of them keeps working when a split is added."""
+        named = ((f.name, getattr(self, f.name)) for f in dataclasses.fields(self))
+        return {name: s for name, s in named if isinstance(s, Split)}
 
 
 # Dataset seed for the digits split, limit_* subsets and the validation split: fixed, so every

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +71,11 @@ def setup(cfg: DictConfig, out_dir: Path, rank: int = 0, world_size: int = 1) ->
     torch.manual_seed(t.seed)  # before the model is built: its initial weights
     config: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
     resumed = checkpoint.load_for_resume(out_dir / checkpoint.LAST, config) if t.resume else None
-    plan, train, val, test, model = _data_and_model(cfg, device, rank, world_size)
+    ds, model = data_and_model(cfg, device)
+    train, val, test = ds.train, ds.val, ds.test
+    plan = StepPlan.from_config(t, len(train), world_size, models.smallest_batch(cfg.model))
+    if rank == 0:
+        log.info("\n%s", plan.banner(t.num_nodes))
     reg = regularizers.build(model, cfg.regularizer)
     optimizer = build_optimizer(cfg.optimizer, model.parameters())
     scheduler = schedules.build(cfg.scheduler, optimizer, plan.total_steps)  # None: constant
@@ -144,11 +148,9 @@ def _restore(
     return counter, running
 
 
-def _data_and_model(
-    cfg: DictConfig, device: torch.device, rank: int, world_size: int
-) -> tuple[StepPlan, Split, Split | None, Split, nn.Module]:
-    """The data on the device (training part, validation part or None, test), the step plan
-    over the training part, and the model for its images."""
+def data_and_model(cfg: DictConfig, device: torch.device) -> tuple[data.Data, nn.Module]:
+    """The dataset, every split on ``device``, and the model for its images, both in the
+    memory layout the device prefers: where a run starts, and what evaluating one rebuilds."""
     ds = data.load(cfg.dataset)
     model = models.build(cfg.model, ds.image_shape, ds.num_classes, cfg.regularizer.dropout)
     model = model.to(device)
@@ -159,12 +161,7 @@ def _data_and_model(
     def place(s: Split) -> Split:
         return Split(s.x.to(device).contiguous(memory_format=layout), s.y.to(device))
 
-    train, test = place(ds.train), place(ds.test)
-    val = place(ds.val) if ds.val is not None else None
-    plan = StepPlan.from_config(cfg.trainer, len(train), world_size)
-    if rank == 0:
-        log.info("\n%s", plan.banner(cfg.trainer.num_nodes))
-    return plan, train, val, test, model
+    return replace(ds, **{k: place(s) for k, s in ds.splits().items()}), model
 
 
 def _callbacks(nodes: DictConfig) -> list[Callback]:

@@ -54,22 +54,40 @@ def mlp(cfg: Any, in_shape: Shape, num_classes: int, dropout: float) -> nn.Seque
     return nn.Sequential(nn.Flatten(), *layers, nn.Linear(width, num_classes))
 
 
-def cnn(cfg: Any, in_shape: Shape, num_classes: int, dropout: float) -> nn.Sequential:
-    """Two 3x3 conv blocks with 2x2 pooling, then an MLP head: works for 8x8 and 28x28."""
+def _convs(cfg: Any, in_shape: Shape, kernel: int) -> tuple[list[nn.Module], int]:
+    """[Conv kernel x kernel -> BN -> ReLU -> MaxPool2] per width in ``channels``; returns the
+    layers and the flattened size. "Same" padding keeps the size until each pool halves it, so
+    two blocks take the 8x8 digits (8 -> 4 -> 2) as well as 28x28 images (28 -> 14 -> 7)."""
     c, h, w = in_shape
     layers: list[nn.Module] = []
     for out in cfg.channels:
-        conv = nn.Conv2d(c, out, 3, padding=1, bias=not cfg.bn)
+        conv = nn.Conv2d(c, out, kernel, padding=kernel // 2, bias=not cfg.bn)
         layers += _hidden_block(conv, out, cfg.bn, cfg.bn_momentum, 0.0, 2)
         layers.append(nn.MaxPool2d(2))
         c, h, w = out, h // 2, w // 2
-    head, width = _dense(c * h * w, list(cfg.hidden)[:1], cfg, dropout)
+    return layers, c * h * w
+
+
+def cnn(cfg: Any, in_shape: Shape, num_classes: int, dropout: float) -> nn.Sequential:
+    """Two 3x3 conv blocks with 2x2 pooling, then an MLP head: works for 8x8 and 28x28."""
+    layers, width = _convs(cfg, in_shape, 3)
+    head, width = _dense(width, list(cfg.hidden)[:1], cfg, dropout)
+    return nn.Sequential(*layers, nn.Flatten(), *head, nn.Linear(width, num_classes))
+
+
+def lenet(cfg: Any, in_shape: Shape, num_classes: int, dropout: float) -> nn.Sequential:
+    """LeNet-5 with BatchNorm: two 5x5 conv blocks (``channels``: 6, 16), then a dense layer
+    per ``hidden`` width (120, 84), each with BN, ReLU and dropout, then the classifier."""
+    layers, width = _convs(cfg, in_shape, 5)
+    head, width = _dense(width, cfg.hidden, cfg, dropout)
     return nn.Sequential(*layers, nn.Flatten(), *head, nn.Linear(width, num_classes))
 
 
 def _two_conv_widths(cfg: Any) -> None:
     if len(cfg.channels) != 2:
-        raise ConfigError("model.channels", list(cfg.channels), "exactly two conv widths for cnn")
+        raise ConfigError(
+            "model.channels", list(cfg.channels), f"exactly two conv widths for {cfg.name}"
+        )
 
 
 @dataclass(frozen=True)
@@ -82,6 +100,7 @@ class Family:
 MODELS: dict[str, Family] = {
     "mlp": Family(mlp),
     "cnn": Family(cnn, _two_conv_widths),
+    "lenet": Family(lenet, _two_conv_widths),
 }
 
 

@@ -9,18 +9,15 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-from .config import register, validate
+from .config import CONF_DIR, register, validate
 from .data import train_size
 from .errors import report, user_message
 from .models import smallest_batch
 from .schedules import check as check_schedule
 from .steps import StepPlan
-
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
 def plan_from_overrides(overrides: list[str]) -> tuple[StepPlan, int]:

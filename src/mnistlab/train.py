@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
 from . import distributed, lock, sweep
-from .config import hydra_error_line, register, validate
+from .config import CONF_DIR, hydra_error_line, register, validate
 from .errors import USER_ERROR_EXIT, UserError, report, user_message
 from .files import atomic_write_json
 from .threads import parallel_jobs, resolve_threads
@@ -225,7 +225,7 @@ def _stop(code: int, multirun: bool) -> float:
 
 
 @distributed.one_folder_under_torchrun
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> float:
     hc = HydraConfig.get()
     started = IMPORTED_AT if hc.mode == RunMode.RUN else time.perf_counter()
