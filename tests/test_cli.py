@@ -61,7 +61,7 @@ def test_console_scripts_work_from_any_folder(tmp_path: Path) -> None:
     plan = call([script("mnistlab-plan"), "dataset.limit_train=1000", "trainer.batch_size=100"],
                 tmp_path, env)  # fmt: skip
     assert plan.returncode == 0, plan.stderr
-    assert "Optimizer steps per epoch             = 10" in plan.stdout
+    assert "Optimizer steps per epoch             = 9" in plan.stdout  # N = 1000 less 10% for val
 
     compare = call([script("mnistlab-compare"), str(run)], tmp_path, env)
     assert compare.returncode == 0, compare.stderr
@@ -124,7 +124,7 @@ def _compose(*overrides: str):  # type: ignore[no-untyped-def]
 
 def test_debug_presets_compose() -> None:
     fast = _compose("+debug=fast")
-    assert (fast.trainer.epochs, fast.dataset.limit_train, fast.logger.name) == (1, 320, "none")
+    assert (fast.trainer.epochs, fast.dataset.limit_train, fast.logger.name) == (1, 356, "none")
     assert fast.bn_stats.every_n_steps == 5
     overfit = _compose("+debug=overfit", "trainer.batch_size=16")
     assert overfit.dataset.limit_train == 16  # one batch, whatever its size
@@ -199,7 +199,8 @@ def test_a_plain_pip_install_finds_its_configs_from_any_folder(tmp_path: Path) -
     bindir = tmp_path / "venv" / "bin"
     job = call([script("mnistlab-train", bindir), "--cfg", "job", "+debug=fast"], elsewhere, env)
     assert job.returncode == 0, job.stderr
-    assert "limit_train: 320" in job.stdout and "name: none" in job.stdout
+    assert "limit_train: 356" in job.stdout and "name: none" in job.stdout
     plan = call([script("mnistlab-plan", bindir), "trainer.epochs=2"], elsewhere, env)
     assert plan.returncode == 0, plan.stderr
-    assert "Total optimizer steps                 = 90" in plan.stdout  # 45 per epoch
+    # 41 steps an epoch: the 1293 training digits (1437 less the validation part) at batch 32
+    assert "Total optimizer steps                 = 82" in plan.stdout

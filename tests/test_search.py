@@ -122,7 +122,7 @@ def test_plugin_scan_does_not_load_optuna() -> None:
 
 @pytest.mark.slow
 def test_search_records_trials_a_failed_one_and_the_best(tmp_path: Path) -> None:
-    """Four trials minimizing test/loss; trial 1 raises, the search goes on to trial 3."""
+    """Four trials minimizing val/loss; trial 1 raises, the search goes on to trial 3."""
     sweep_dir = tmp_path / "sweep"
     proc = search(
         sweep_dir,
@@ -131,7 +131,7 @@ def test_search_records_trials_a_failed_one_and_the_best(tmp_path: Path) -> None
         "hydra.sweeper.n_trials=4",
         "optimizer.lr=tag(log, interval(0.01, 0.2))",
         "model.bn_momentum=0.3,0.03",
-        "objective.metric=test/loss",
+        "objective.metric=val/loss",
         "objective.direction=minimize",
         *override("boom", RaiseInJob, job=JOB_NUM, fail=1),
     )
@@ -148,7 +148,7 @@ def test_search_records_trials_a_failed_one_and_the_best(tmp_path: Path) -> None
         assert s["config"]["optimizer"]["lr"] == t.params["optimizer.lr"]
         assert s["config"]["model"]["bn_momentum"] == t.params["model.bn_momentum"]
         if t.state == TrialState.COMPLETE:
-            assert t.value == s["final"]["test/loss"]
+            assert t.value == s["final"]["val/loss"]
         else:
             assert s["status"] == "failed" and "injected fault" in s["error"]
 
@@ -159,7 +159,7 @@ def test_search_records_trials_a_failed_one_and_the_best(tmp_path: Path) -> None
     assert best["best_value"] == best_trial.value == study.best_value
     assert best["best_params"] == best_trial.params
     assert best["trials"] == {"completed": 3, "failed": 1}
-    assert best["direction"] == "minimize" and best["metric"] == "test/loss"
+    assert best["direction"] == "minimize" and best["metric"] == "val/loss"
     assert Path(best["best_job_dir"]) == sweep_dir / str(best_trial.number)
     rows = list(csv.DictReader((sweep_dir / "sweep_summary.csv").open()))
     assert [r["status"] for r in rows] == ["completed", "failed", "completed", "completed"]

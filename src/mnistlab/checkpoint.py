@@ -41,7 +41,7 @@ VERSION = 1
 # Settings of this process rather than of the training (``callbacks`` observe the loop): a
 # resumed run always takes them from its own command line.
 REPEAT_S = 2.0  # a second SIGTERM/SIGINT within this many seconds is the same stop
-LOCAL = ("trainer.resume", "trainer.progress", "trainer.num_threads", "callbacks")
+LOCAL = ("trainer.resume", "trainer.progress", "callbacks")
 # What a resumed run may change when its command line gives it: where the data is, how it is
 # logged, more epochs (to extend a finished or running training), another checkpoint
 # cadence, and a learning rate (the way out after a divergence). The rest is the checkpoint's.
@@ -50,6 +50,7 @@ MAY_CHANGE = (
     "dataset.root",
     "dataset.download",
     "logger",
+    "trainer.num_threads",  # the thread count changes float summation order: kept unless given
     "trainer.epochs",
     "trainer.checkpoint_every_n_steps",
     "optimizer.lr",
