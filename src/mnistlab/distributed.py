@@ -435,9 +435,7 @@ def _passing_on_signals(pids: list[int]) -> Iterator[None]:
     step boundary (:func:`any_rank`): checkpoint, summary ``interrupted``, as one run."""
 
     def handler(signum: int, frame: Any) -> None:
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signum)
+        send_signal(pids, signum)
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -445,6 +443,13 @@ def _passing_on_signals(pids: list[int]) -> Iterator[None]:
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+def send_signal(pids: list[int], signum: int) -> None:
+    """``signum`` to each of ``pids`` that still runs (one may have ended meanwhile)."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
 
 
 def any_rank(value: int) -> int:

@@ -28,6 +28,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from .distributed import send_signal
 from .errors import ConfigError, report
 
 log = logging.getLogger("mnistlab")
@@ -129,13 +130,11 @@ def stop(signum: int, sweep_dir: Path, objective: Any) -> None:
     :data:`GRACE_S` seconds to checkpoint, kill what is left, write the summary, exit."""
     name = signal.Signals(signum).name
     children = _descendants(os.getpid())
-    for pid in children:
-        _signal(pid, signum)
+    send_signal(children, signum)
     deadline = time.monotonic() + GRACE_S
     while _alive(children, heeding=signum) and time.monotonic() < deadline:
         time.sleep(0.1)
-    for pid in _alive(children):
-        _signal(pid, signal.SIGKILL)
+    send_signal(_alive(children), signal.SIGKILL)
     write_summary(sweep_dir, objective)
     resume = "run the same command again with trainer.resume=true (and the same hydra.sweep.dir)"
     print(f"sweep interrupted by {name}: {sweep_dir / 'sweep_summary.csv'}; to continue, {resume}",
@@ -182,8 +181,3 @@ def _alive(pids: list[int], heeding: int | None = None) -> list[int]:
 def _reap(pid: int) -> None:
     with contextlib.suppress(ChildProcessError):  # not our child: its parent reaps it
         os.waitpid(pid, os.WNOHANG)
-
-
-def _signal(pid: int, signum: int) -> None:
-    with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
-        os.kill(pid, signum)
