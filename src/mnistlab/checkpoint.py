@@ -12,6 +12,7 @@ a resumed run logs exactly the rows an uninterrupted one would.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -60,25 +61,29 @@ MAY_CHANGE = (
 
 
 def rng_state() -> dict[str, Any]:
-    """Every random stream training draws from (dropout, init); numpy's as plain ints so the
-    file loads with ``weights_only=True``."""
+    """Every random stream training draws from (dropout, init). numpy's and Python's
+    Mersenne Twister states (624 words each) are int64 tensors: one object each to pickle and
+    hash, not six hundred, and the file still loads with ``weights_only=True``."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": [kind, [int(k) for k in keys], int(pos), int(has_gauss), float(gauss)],
-        "python": random.getstate(),
-    }
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss),
+                  float(gauss)],
+        "python": [version, torch.tensor(internal, dtype=torch.int64), gauss_next],
+    }  # fmt: skip
 
 
 def set_rng_state(state: Mapping[str, Any]) -> None:
+    """The streams of :func:`rng_state` (or of a checkpoint that kept them as lists)."""
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     kind, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
     version, internal, gauss_next = state["python"]
-    random.setstate((version, tuple(internal), gauss_next))
+    random.setstate((version, tuple(int(v) for v in internal), gauss_next))
 
 
 def save(
@@ -91,12 +96,14 @@ def save(
     metrics_bytes: int,
     extra: Mapping[str, Any] | None = None,
     scheduler: LRScheduler | None = None,
+    rng: Mapping[str, Any] | None = None,
 ) -> None:
-    """Write ``path`` atomically: serialize in memory, then temp file, fsync, rename."""
+    """Write ``path`` atomically: serialize in memory, then temp file, fsync, rename.
+    ``rng``: the run's random streams (default: this process's, :func:`rng_state`)."""
     state = {
         "version": VERSION,
-        "model": unwrap(model).state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "model": own_storage(unwrap(model).state_dict()),
+        "optimizer": own_storage(optimizer.state_dict()),
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "counter": asdict(counter),
         "running": {
@@ -104,7 +111,7 @@ def save(
             "correct": float(running["correct"]),
             "count": int(running["count"]),
         },
-        "rng": rng_state(),
+        "rng": dict(rng) if rng is not None else rng_state(),
         "config": dict(config),
         "metrics_bytes": int(metrics_bytes),
         "extra": dict(extra or {}),
@@ -113,6 +120,19 @@ def save(
     buf = io.BytesIO()
     torch.save(state, buf)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def own_storage(obj: Any) -> Any:
+    """``obj`` with every tensor that is a view into a larger storage (a stacked run's copy:
+    :mod:`mnistlab.stack`) copied out: ``torch.save`` writes a view's whole storage."""
+    if isinstance(obj, torch.Tensor):
+        shared = obj.untyped_storage().nbytes() > obj.numel() * obj.element_size()
+        return obj.clone() if shared else obj
+    if isinstance(obj, dict):
+        return {k: own_storage(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [own_storage(v) for v in obj]
+    return obj
 
 
 def digest(state: Mapping[str, Any]) -> str:
@@ -312,6 +332,8 @@ class Checkpointer(Callback):
         self.stop_time = 0.0
         self.last_saved_step: int | None = None
         self.extra: dict[str, Any] = {}  # e.g. the W&B run id, for the run to resume under
+        # Where the run's random streams are: this process's, or a stacked copy's own.
+        self.rng: Callable[[], Mapping[str, Any]] = rng_state
 
     def on_step_end(self, counter: StepCounter, running: Running) -> None:
         step, signum = counter.optimizer_steps, self.agree(self.stop_signal or 0)
@@ -344,32 +366,39 @@ class Checkpointer(Callback):
                 size,
                 self.extra,
                 self.scheduler,
+                self.rng(),
             )
         self.last_saved_step = counter.optimizer_steps
         for listener in self.listeners:
             listener.on_save(counter.optimizer_steps)
 
-    @contextmanager
-    def stop_on_signals(self) -> Iterator[None]:
-        """SIGTERM/SIGINT set a flag; the next step boundary saves and stops. A second one
-        stops at once (KeyboardInterrupt)."""
+    def stop_on_signals(self) -> contextlib.AbstractContextManager[None]:
+        return stop_on_signals([self])
 
-        def handler(signum: int, frame: Any) -> None:
-            # The same stop can arrive twice at once (Ctrl-C reaches the process group and a
-            # sweep passes it on): only a second signal a while later means "stop now".
-            if self.stop_signal is not None and time.monotonic() - self.stop_time > REPEAT_S:
+
+@contextmanager
+def stop_on_signals(checkpointers: Sequence[Checkpointer]) -> Iterator[None]:
+    """SIGTERM/SIGINT set every checkpointer's flag (one per run: a stacked group trains
+    several); the next step boundary saves and stops. A second one stops at once
+    (KeyboardInterrupt)."""
+
+    def handler(signum: int, frame: Any) -> None:
+        # The same stop can arrive twice at once (Ctrl-C reaches the process group and a
+        # sweep passes it on): only a second signal a while later means "stop now".
+        for c in checkpointers:
+            if c.stop_signal is not None and time.monotonic() - c.stop_time > REPEAT_S:
                 raise KeyboardInterrupt
-            if self.stop_signal is None:
-                self.stop_signal, self.stop_time = signum, time.monotonic()
+            if c.stop_signal is None:
+                c.stop_signal, c.stop_time = signum, time.monotonic()
 
-        previous: dict[int, Callable[..., Any] | int | None] = {}
-        try:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                previous[sig] = signal.signal(sig, handler)
-        except ValueError:  # not the main thread: leave the signals alone
-            pass
-        try:
-            yield
-        finally:
-            for sig, old in previous.items():
-                signal.signal(sig, old)
+    previous: dict[int, Callable[..., Any] | int | None] = {}
+    try:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, handler)
+    except ValueError:  # not the main thread: leave the signals alone
+        pass
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)

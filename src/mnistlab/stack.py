@@ -320,7 +320,7 @@ class Stack:
         # One step count per copy and parameter (torch keeps one per parameter).
         self.step_counts = torch.zeros(self.size, len(self.keys))
         self.state: dict[str, Tensor] = {}
-        if optimizers[0].state:  # resumed: every copy's saved state into the stack
+        if any(o.state for o in optimizers):  # resumed: the saved state into the stack
             self._take_state()
 
     def _take_state(self) -> None:
@@ -333,8 +333,10 @@ class Stack:
                     if saved is not None:
                         piece[j].copy_(saved)
             self.state[name] = flat
-        if "step" in self.optimizers[0].state[self.order[0][0]]:
-            self.step_counts.fill_(float(self.optimizers[0].state[self.order[0][0]]["step"]))
+        steps = [o.state[p[0]]["step"] for o, p in zip(self.optimizers, self.order, strict=True)
+                 if "step" in o.state.get(p[0], {})]  # fmt: skip
+        if steps:  # Adam's count (SGD keeps none)
+            self.step_counts.fill_(float(steps[0]))
         self._lend_state()
 
     def _lend_state(self) -> None:
@@ -351,11 +353,16 @@ class Stack:
 
     @torch.no_grad()
     def drop(self, lane: int) -> None:
-        """Zero copy ``lane``'s weights and optimizer state: a copy that ended (diverged, or
-        failed) trains on as zeros at rate 0, so nothing non-finite runs through the stack."""
+        """Reset copy ``lane``: zero weights and optimizer state, BN statistics as new. A copy
+        that ended (diverged, or failed) trains on so at rate 0: nothing non-finite runs
+        through the stack."""
         for flat in (self.flat, *self.state.values()):
             for piece in self._pieces(flat):
                 piece[lane].zero_()
+        for name, (mean, var, _) in self.buffers.items():
+            mean[lane].zero_(), var[lane].fill_(1.0)
+            for scratch in self.scratch[name]:
+                scratch.view_as(mean)[lane].zero_()
 
     # ------------------------------------------------------------------ the computation
 
