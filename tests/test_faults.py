@@ -305,8 +305,13 @@ def processes_mentioning(text: str) -> list[int]:
             ["trainer.epochs=150", "trainer.seed=0,1,2"],
             ["0", "1"],  # two running at once, the third not started
         ),
+        (  # one stacked group: every job stops at the same step
+            ("hydra/launcher=stacked",),
+            ["trainer.epochs=150", "trainer.seed=0,1,2"],
+            ["0", "1", "2"],
+        ),
     ],
-    ids=["basic", "joblib"],
+    ids=["basic", "joblib", "stacked"],
 )
 def test_a_stopped_sweep_checkpoints_its_jobs_and_resumes_as_a_whole(
     tmp_path: Path, launcher: tuple[str, ...], jobs: list[str], running: list[str]

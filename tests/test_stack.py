@@ -748,3 +748,22 @@ def test_global_random_stream_untouched_by_stacked_dropout() -> None:
     before = torch.get_rng_state()
     stacked_steps(stack, x, y, batches(2), lrs(built))
     assert torch.equal(torch.get_rng_state(), before)
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_stacked_evaluation_equals_each_copys_own(name: str) -> None:
+    """After some training (BN statistics of their own), one stacked pass in eval mode gives
+    every copy the loss and accuracy ``loop.evaluate`` gives it alone, chunks included."""
+    from mnistlab.data import Split
+    from mnistlab.loop import evaluate
+
+    cfgs = copies({"model.name": name}, SGD | DROPOUT)
+    x, y = data()
+    built = [build(c, j) for j, c in enumerate(cfgs)]
+    stack = stack_of(built)
+    stacked_steps(stack, x, y, batches(5), lrs(built))
+    losses, accs = stack.evaluate(x, y, batch_size=37)  # chunks that do not divide the set
+    for j, c in enumerate(built):
+        alone = evaluate(c.model, Split(x, y), batch_size=1024)
+        assert losses[j].item() == pytest.approx(alone["loss"], rel=1e-5)
+        assert accs[j].item() == pytest.approx(alone["acc"], abs=1e-9)

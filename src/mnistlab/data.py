@@ -388,8 +388,18 @@ def load(cfg: Any) -> Data:
     """The ``dataset`` config node's data as normalized in-memory tensors: seeded subsets if
     asked, then the validation part carved from the training split."""
     _known(cfg.name)
-    full = _load_full(cfg.name, str(cfg.root), bool(cfg.download))
-    train = _subset(full.train, cfg.limit_train, "dataset.limit_train", cfg.name)
-    train, val = _carve_val(train, cfg.val_size, full.num_classes)
-    test = _subset(full.test, cfg.limit_test, "dataset.limit_test", cfg.name)
+    return _load(cfg.name, str(cfg.root), bool(cfg.download), cfg.limit_train, cfg.limit_test,
+                 cfg.val_size)  # fmt: skip
+
+
+@functools.lru_cache(maxsize=4)
+def _load(
+    name: str, root: str, download: bool, limit_train: int | None, limit_test: int | None,
+    val_size: float | int | None,
+) -> Data:  # fmt: skip
+    """Cached: the jobs of a sweep in one process (a stacked group at once) share one copy."""
+    full = _load_full(name, root, download)
+    train = _subset(full.train, limit_train, "dataset.limit_train", name)
+    train, val = _carve_val(train, val_size, full.num_classes)
+    test = _subset(full.test, limit_test, "dataset.limit_test", name)
     return Data(full.name, train, test, full.num_classes, full.mean, full.std, val)

@@ -183,11 +183,36 @@ def _callbacks(nodes: DictConfig) -> list[Callback]:
     return out
 
 
+@dataclass
+class Clock:
+    """When a job began (``perf_counter``), and the samples it had seen when its loop began."""
+
+    started: float
+    samples: int
+
+
 def train(job: Job, started: float) -> dict[str, Any]:
     """Run the loop from where the job stands; return the summary (rank 0's is written).
 
     ``started`` is when this job's clock began (``perf_counter``): start-up is measured
     from it."""
+    summary, clock = begin(job, started)
+    return end(job, summary, clock, fit(job))
+
+
+def fit(job: Job) -> Fit | BaseException:
+    """The loop from where the job stands, stopped by SIGTERM/SIGINT at a step boundary:
+    what it did, or what ended it (for :func:`end` to tell apart)."""
+    try:
+        with job.ckpt.stop_on_signals():
+            return job.loop.fit(job.counter, job.running)
+    except BaseException as e:
+        return e
+
+
+def begin(job: Job, started: float) -> tuple[dict[str, Any], Clock]:
+    """Just before the loop: the summary's opening, the random streams where the run left
+    them (a fresh run: the step-0 checkpoint), the clock."""
     summary: dict[str, Any] = {"status": "failed", "plan": job.plan.as_dict()}
     summary.update(world_size=job.world_size, backend=distributed.current_backend())
     if job.resumed is not None:
@@ -195,14 +220,22 @@ def train(job: Job, started: float) -> dict[str, Any]:
         checkpoint.set_rng_state(job.resumed["rng"])  # last: building the model drew from it
     else:  # step 0: a diverged or killed run always has a checkpoint to go back to
         job.ckpt.save(StepCounter(), {"loss": 0.0, "correct": 0.0, "count": 0})
-    t_start = time.perf_counter()  # train_s times the loop alone; set-up is in startup_s
-    summary["timings"] = {"startup_s": t_start - started}
+    # train_s times the loop alone (Fit's span); set-up is in startup_s
+    summary["timings"] = {"startup_s": time.perf_counter() - started}
     summary["num_threads"] = torch.get_num_threads()
-    start_samples = job.counter.samples_seen
+    return summary, Clock(started, job.counter.samples_seen)
+
+
+def end(
+    job: Job, summary: dict[str, Any], clock: Clock, outcome: Fit | BaseException
+) -> dict[str, Any]:
+    """How the loop ended (its :class:`Fit`, or what it raised) as the summary; the sinks
+    close in every case. A bug's exception is raised again once they have."""
     try:
-        with job.ckpt.stop_on_signals():
-            fit = job.loop.fit(job.counter, job.running)
-        summarize(job, fit, summary, time.perf_counter() - t_start, started, start_samples)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        train_s = outcome.timings["end_at"] - outcome.timings["start_at"]
+        summarize(job, outcome, summary, train_s, clock.started, clock.samples)
     except Diverged as e:
         summary.update(_diverged(job, e))
     except Interrupted as e:
@@ -214,7 +247,7 @@ def train(job: Job, started: float) -> dict[str, Any]:
         raise
     finally:
         summary.setdefault("counted", job.counter.counted())  # diverged or interrupted: how far
-        summary["timings"]["wall_s"] = time.perf_counter() - started
+        summary["timings"]["wall_s"] = time.perf_counter() - clock.started
         if job.cfg.report and summary["status"] == "completed" and distributed.is_rank_zero():
             summary["timings"]["report_s"] = _report(job.out_dir, summary)
         summary["timings"].update(job.sinks.finish(summary))  # W&B's own costs

@@ -74,7 +74,8 @@ class LoopConfig:
 
 @dataclass
 class Fit:
-    """What the loop did: the counter (the one passed in, ticked in place) and timings."""
+    """What the loop did: the counter (the one passed in, ticked in place) and timings
+    (``start_at`` and ``end_at``: the loop's own ``perf_counter`` span)."""
 
     counter: StepCounter
     timings: dict[str, float] = field(default_factory=lambda: {"eval_s": 0.0})
@@ -150,6 +151,7 @@ class Loop:
         To resume, pass the checkpoint's ``counter`` (taken at a window end) and ``running``
         sums: the windows already done in the current epoch are skipped."""
         result = Fit(counter or StepCounter())
+        result.timings["start_at"] = time.perf_counter()
         counter, plan, model, train = result.counter, self.plan, self.model, self.train
         device = train.x.device
         no_sync = getattr(model, "no_sync", contextlib.nullcontext)  # DDP: no all-reduce
@@ -172,28 +174,62 @@ class Loop:
                         if last and self.regularizer.adds_to_loss:
                             loss = loss + self.regularizer.penalty()
                         loss.backward()
-                    counter.micro_batches += 1
-                    counter.samples_seen += len(idx) * plan.world_size
                     run.loss.add_(loss_sum.detach())  # in place, widened to float64: one op
                     run.correct.add_((out.detach().argmax(1) == y).sum())
-                    run.count += len(idx)
-                    for c in self.callbacks:
-                        c.on_micro_batch(counter)
+                    self.count_micro_batch(counter, run, len(idx))
 
                 lr = self.optimizer.param_groups[0]["lr"]  # this step's rate, for its row
                 self.optimizer.step()
                 self.regularizer.after_step(lr)  # proximal L1 / decoupled decay: same rate
-                if self.scheduler is not None:  # the next step's rate
-                    self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
-                counter.optimizer_steps += 1
-                self._after_step(counter, run, result, lr)
+                self.close_step(counter, run, result, lr)
 
-            counter.epochs += 1
-            self._end_epoch(counter, result)
-            for c in self.callbacks:
-                c.on_epoch_end(counter, run)
+            self.close_epoch(counter, run, result)
+        result.timings["end_at"] = time.perf_counter()
         return result
+
+    def count_micro_batch(self, counter: StepCounter, run: Running, samples: int) -> None:
+        """A micro-batch of ``samples`` (this rank's) went forward and backward."""
+        counter.micro_batches += 1
+        counter.samples_seen += samples * self.plan.world_size
+        run.count += samples
+        for c in self.callbacks:
+            c.on_micro_batch(counter)
+
+    def close_step(self, counter: StepCounter, run: Running, result: Fit, lr: float) -> None:
+        """After the optimizer step taken at rate ``lr``: the schedule's next rate, the count,
+        the step's row and callbacks."""
+        if self.scheduler is not None:  # the next step's rate
+            self.scheduler.step()
+        counter.optimizer_steps += 1
+        self._after_step(counter, run, result, lr)
+
+    def close_epoch(
+        self,
+        counter: StepCounter,
+        run: Running,
+        result: Fit,
+        measured: dict[str, dict[str, float]] | None = None,
+    ) -> None:
+        """The epoch's end: its evaluation row (``measured``: the splits' metrics if already
+        evaluated, by a stacked group), then the callbacks."""
+        counter.epochs += 1
+        self._end_epoch(counter, result, measured)
+        for c in self.callbacks:
+            c.on_epoch_end(counter, run)
+
+    def evaluates(self, epochs: int) -> bool:
+        """Whether the end of epoch ``epochs`` (counted from 1) evaluates: on the epoch
+        cadence and always after the last epoch."""
+        return epochs % self.cfg.eval_every_n_epochs == 0 or epochs == self.plan.epochs
+
+    def eval_splits(self) -> dict[str, Split]:
+        """What an evaluation row measures, by its prefix: the validation part (what a sweep
+        selects on), the test set (reported) and a test-sized slice of training (the
+        train-test gap in eval mode, cheaply)."""
+        splits = {"val": self.val} if self.val is not None else {}
+        part = Split(self.train.x[: len(self.test)], self.train.y[: len(self.test)])
+        return splits | {"test": self.test, "train_eval": part}
 
     def _after_step(self, counter: StepCounter, run: Running, result: Fit, lr: float) -> None:
         """The finite-loss check, this step's row (on the cadence, with the rate ``lr`` the
@@ -222,21 +258,16 @@ class Loop:
         for c in self.callbacks:
             c.on_step_end(counter, run)
 
-    def _end_epoch(self, counter: StepCounter, result: Fit) -> None:
-        """Evaluate on the epoch cadence and always after the last epoch: the validation
-        part (what a sweep selects on), the test set (reported) and a slice of training."""
-        every, test, train = self.cfg.eval_every_n_epochs, self.test, self.train
-        if counter.epochs % every and counter.epochs != self.plan.epochs:
+    def _end_epoch(
+        self, counter: StepCounter, result: Fit, measured: dict[str, dict[str, float]] | None
+    ) -> None:
+        if not self.evaluates(counter.epochs):
             return
         t0 = time.perf_counter()
-        args = (self.cfg.eval_batch_size, self.cfg.precision)
-        row: dict[str, Any] = {}
-        if self.val is not None:
-            row |= {f"val/{k}": v for k, v in evaluate(self.model, self.val, *args).items()}
-        row |= {f"test/{k}": v for k, v in evaluate(self.model, test, *args).items()}
-        # Train accuracy in eval mode on a test-sized slice: the train-test gap, cheaply.
-        part = Split(train.x[: len(test)], train.y[: len(test)])
-        row |= {f"train_eval/{k}": v for k, v in evaluate(self.model, part, *args).items()}
+        if measured is None:
+            args = (self.cfg.eval_batch_size, self.cfg.precision)
+            measured = {k: evaluate(self.model, s, *args) for k, s in self.eval_splits().items()}
+        row: dict[str, Any] = {f"{k}/{m}": v for k, got in measured.items() for m, v in got.items()}
         row["train_test_gap"] = row["train_eval/acc"] - row["test/acc"]
         result.timings["eval_s"] += time.perf_counter() - t0
         self.sinks.log(position(counter, self.plan) | row, kind="eval")

@@ -238,7 +238,7 @@ class WandbSink:
             job_type="train",
             tags=list(cfg.tags),
             config={**config, "overrides": list(self.identity.overrides)},
-            reinit="finish_previous",  # a sweep runs its jobs in one process, one run each
+            reinit="create_new",  # a sweep runs its jobs in one process (stacked: at once)
             id=self.id,
             resume="allow" if resumed else None,  # a resumed job continues its own run
             settings=settings,

@@ -385,6 +385,23 @@ class Stack:
             h = LAYERS[type(layer)](layer, h, self)
         return h.transpose(1, 2)
 
+    @torch.inference_mode()
+    def evaluate(self, x: Tensor, y: Tensor, batch_size: int) -> tuple[Tensor, Tensor]:
+        """Every copy's mean loss and accuracy ``[G]`` on the same samples, in eval mode (BN
+        with each copy's running statistics, dropout off): ``loop.evaluate`` for all copies
+        in one pass per chunk."""
+        loss = torch.zeros(self.size, dtype=torch.float64, device=x.device)
+        correct = torch.zeros(self.size, dtype=torch.int64, device=x.device)
+        for start in range(0, len(x), batch_size):
+            xs, ys = x[start : start + batch_size], y[start : start + batch_size]
+            out = self.forward(xs.expand(self.size, *xs.shape), training=False).float()
+            target = ys.expand(self.size, -1)
+            ce = F.cross_entropy(out.flatten(0, 1), target.flatten(), reduction="none")
+            loss += ce.view(self.size, -1).sum(1)
+            correct += (out.argmax(2) == target).sum(1)
+        n = max(1, len(x))
+        return loss / n, correct.double() / n
+
     def penalty(self) -> Tensor:
         """Each copy's loss-side regularizer term ``[G]`` (L1 and/or L2 in penalty mode)."""
         total = torch.zeros(self.size, device=self.flat.device)

@@ -17,6 +17,8 @@ import os
 import sys
 import time
 import traceback
+from collections.abc import Generator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,19 +45,50 @@ register()
 def run(cfg: DictConfig, hc: Any, started: float) -> float:
     """One Hydra job: take the run folder, validate, train, write ``summary.json``; return
     the sweep objective."""
+    try:
+        next(lifecycle(cfg, hc, started))
+    except StopIteration as end:  # a job that trains itself never pauses
+        return end.value
+    raise AssertionError("unreachable: only a stacked job pauses")
+
+
+@dataclass
+class Ready:
+    """A stacked job paused, set up and ready to train: its launcher trains it with the
+    others of its group and sends back how the loop ended."""
+
+    job: Any  # mnistlab.job.Job (imported lazily: torch)
+    streams: Any  # mnistlab.lockstep.Streams: where its random streams start
+    group: int = 1  # the jobs it trained with, itself included (set by the launcher)
+
+
+Lifecycle = Generator["Ready | None", Any, float]
+
+
+def lifecycle(cfg: DictConfig, hc: Any, started: float, stacked: bool = False) -> Lifecycle:
+    """A job from start to end, as a generator. Run alone (``stacked=False``) it trains
+    itself and never pauses. A stacked job (``hydra/launcher=stacked``) pauses when it is set
+    up, if it gets that far (yields :class:`Ready` and is sent the loop's outcome), and always
+    once its ``summary.json`` is written (yields None), so that every job of a group has
+    written its summary before one of them ends the sweep (an interrupted job)."""
     out_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
     try:
         with lock.hold(out_dir):  # one live run per folder (torchrun's other ranks: scratch)
-            summary, code, launch = _attempt(cfg, hc, out_dir, started)
+            summary, code, launch = yield from _attempt(cfg, hc, out_dir, started, stacked)
     except UserError as e:  # the folder is in use, or a resume was refused: left as it was
-        return _stop(report(str(e)), multirun)
+        code = report(str(e))
+        if stacked:
+            yield None
+        return _stop(code, multirun)
+    if stacked:
+        yield None
     return _outcome(summary, code, hc, launch, out_dir, cfg.objective.metric)
 
 
 def _attempt(
-    cfg: DictConfig, hc: Any, out_dir: Path, started: float
-) -> tuple[dict[str, Any], int, distributed.Launch | None]:
+    cfg: DictConfig, hc: Any, out_dir: Path, started: float, stacked: bool
+) -> Generator[Ready | None, Any, tuple[dict[str, Any], int, distributed.Launch | None]]:
     """Validate and train; any failure becomes a failed summary with its one line (a bug's
     traceback is printed first). Returns the summary, the exit code if it failed, the launch."""
     launch: distributed.Launch | None = None
@@ -65,7 +98,11 @@ def _attempt(
         return done, 0, None
     try:
         cfg, launch = _prepare(cfg, hc, out_dir)
-        summary, code = _dispatch(launch, cfg, out_dir, hc, started), 1
+        if stacked and launch.mode == "single":
+            summary = yield from _stacked(cfg, out_dir, hc, started)
+        else:
+            summary = _dispatch(launch, cfg, out_dir, hc, started)
+        code = 1
     except Exception as e:
         known = _known_failure(e)
         if known is not None and cfg.trainer.resume and isinstance(e, UserError):
@@ -78,6 +115,25 @@ def _attempt(
     if launch is None or launch.rank == 0:  # only rank 0 writes (torchrun: every rank is here)
         _write_summary(out_dir, summary, cfg, hc, started)
     return summary, code, launch
+
+
+def _stacked(
+    cfg: DictConfig, out_dir: Path, hc: Any, started: float
+) -> Generator[Ready, Any, dict[str, Any]]:
+    """A stacked job's training: set up, pause until its group has trained, then the summary
+    from what the loop did."""
+    import torch
+
+    from . import job
+    from .lockstep import Streams
+
+    torch.set_num_threads(resolve_threads(cfg.trainer.num_threads, 1, parallel_jobs(hc)))
+    run = job.setup(cfg, out_dir)
+    summary, clock = job.begin(run, started)
+    ready = Ready(run, Streams.now(run.loop.train.x.device))
+    outcome = yield ready
+    summary["stacked_jobs"] = ready.group
+    return job.end(run, summary, clock, outcome)
 
 
 def _already_completed(cfg: DictConfig, hc: Any, out_dir: Path) -> dict[str, Any] | None:
@@ -177,6 +233,7 @@ def _write_summary(
     out_dir: Path, summary: dict[str, Any], cfg: DictConfig, hc: Any, started: float
 ) -> None:
     summary["overrides"] = list(hc.overrides.task)
+    summary.setdefault("launcher", launcher_name(hc.launcher))
     summary.setdefault("timings", {}).setdefault("wall_s", time.perf_counter() - started)
     try:
         summary["config"] = OmegaConf.to_container(cfg, resolve=True)
@@ -189,6 +246,13 @@ def _write_summary(
         if message is None:
             raise
         print(f"error: summary.json not written: {message}", file=sys.stderr, flush=True)
+
+
+def launcher_name(launcher: Any) -> str:
+    """The Hydra launcher that ran the job, by its class's name (``basic``, ``joblib``,
+    ``local`` and ``slurm`` for submitit, ``stacked``): how the job was trained."""
+    target = str(launcher.get("_target_", "")).rsplit(".", 1)[-1]
+    return target.removesuffix("Launcher").lower() or "basic"
 
 
 def _outcome(
