@@ -113,6 +113,10 @@ CASES = {
         ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=0"],
         ["hydra.launcher.n_jobs=0", "negative to count back"],
     ),
+    "stacked max_group 0": (
+        ["-m", "hydra/launcher=stacked", "hydra.launcher.max_group=0", "trainer.seed=0,1"],
+        ["hydra.launcher.max_group=0", ">= 1"],
+    ),
     "unknown callback": (
         ["+callbacks.x._target_=no.such.Thing"],
         ["callbacks.x._target_='no.such.Thing'"],

@@ -57,9 +57,13 @@ def _check_launcher(launcher: Any) -> None:
     """Launcher settings that cannot run, as one line (the launcher's own error would be a
     traceback from inside joblib). Hydra turns a callback's exception into a warning and goes
     on, so this exits itself."""
-    if "joblib" in str(launcher.get("_target_", "")) and launcher.get("n_jobs") == 0:
+    target = str(launcher.get("_target_", ""))
+    if "joblib" in target and launcher.get("n_jobs") == 0:
         allowed = "an integer >= 1, or negative to count back from the cores (-1: one per core)"
         sys.exit(report(str(ConfigError("hydra.launcher.n_jobs", 0, allowed))))
+    if "stacked" in target and launcher.get("max_group", 1) < 1:
+        error = ConfigError("hydra.launcher.max_group", launcher.max_group, "an integer >= 1")
+        sys.exit(report(str(error)))
 
 
 def write_summary(sweep_dir: Path, objective: Any) -> list[dict[str, Any]]:
