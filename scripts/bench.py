@@ -10,7 +10,8 @@ when present, else generated IDX files of the same shape, read by torchvision's 
 * the machine's float32 GEMM rate, and the training FLOP/s of MLPs at batch 512 as a
   fraction of it;
 * overheads as shares of training time (exact BN statistics, W&B offline, evaluation);
-* start-up to the first optimizer step, a 10-job ``-m`` sweep, and thread counts.
+* start-up to the first optimizer step, a 10-job ``-m`` sweep, and thread counts;
+* a 16-job sweep trained by ``hydra/launcher=stacked`` against Hydra's basic launcher.
 
 Usage::
 
@@ -22,8 +23,9 @@ Usage::
 Rows are a list of functions (``ROWS``); a row whose feature is missing from this build
 prints ``n/a (not available in this build)`` instead of failing. The row functions live in
 ``scripts/benchkit/``, by theme: ``speed`` (machine, GEMM, throughput, FLOP/s),
-``overheads`` (shares of training time), ``processes`` (start-up, sweep, threads) and
-``gpu`` (CUDA); ``common``, ``runs`` and ``loops`` hold what they share.
+``overheads`` (shares of training time), ``processes`` (start-up, sweep, threads),
+``stacked`` (the stacked launcher against the basic one) and ``gpu`` (CUDA); ``common``,
+``runs`` and ``loops`` hold what they share.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ from benchkit.speed import (  # noqa: E402
     row_throughput_cnn,
     row_throughput_mlp,
 )
+from benchkit.stacked import row_stacked_digits, row_stacked_mnist  # noqa: E402
 
 from mnistlab.threads import resolve_threads  # noqa: E402
 
@@ -71,6 +74,8 @@ ROWS: list[Callable[[Bench], list[Row]]] = [
     row_overheads_mnist,
     row_startup,
     row_sweep,
+    row_stacked_digits,
+    row_stacked_mnist,
     row_threads,
     row_load,
     row_cuda,
@@ -96,6 +101,12 @@ ROW_NAMES = [
     "startup_first_step",
     "startup_heavy_imports",
     "sweep_10_jobs",
+    "stacked_sweep_digits",
+    "stacked_sweep_digits_wall",
+    "stacked_flops_digits",
+    "stacked_sweep_mnist",
+    "stacked_sweep_mnist_wall",
+    "stacked_flops_mnist",
     "threads_1_vs_2",
     "threads_oversubscribed",
     "threads_auto_under_load",

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
 import os
 import random
 import signal
@@ -112,7 +113,7 @@ def save(
             "count": int(running["count"]),
         },
         "rng": dict(rng) if rng is not None else rng_state(),
-        "config": dict(config),
+        "config": json.dumps(config),  # one string: cheap to pickle and hash (read parses it)
         "metrics_bytes": int(metrics_bytes),
         "extra": dict(extra or {}),
     }
@@ -181,6 +182,8 @@ def read(path: Path) -> dict[str, Any]:
             f"{path} is damaged (its contents differ from the digest written with it) and "
             "was not loaded; restore a copy, or start the run afresh in another folder"
         )
+    if isinstance(state["config"], str):  # older checkpoints kept the config as a dict
+        state["config"] = json.loads(state["config"])
     return state
 
 

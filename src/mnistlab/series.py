@@ -222,9 +222,10 @@ def regularized_weights(checkpoint: Path) -> np.ndarray:
     import torch
     from omegaconf import OmegaConf
 
+    from . import checkpoint as ckpt
     from . import data, models, regularizers
 
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    state = ckpt.read(checkpoint)
     cfg = OmegaConf.create(state["config"])
     shape, classes = data.SHAPES[cfg.dataset.name]
     model = models.build(cfg.model, shape, classes, cfg.regularizer.dropout)

@@ -232,7 +232,7 @@ def _run_group(jobs: list[_HydraJob]) -> list[JobReturn]:
             paused = next(flow)
             if isinstance(paused, Ready):
                 ready[i] = paused
-        outcomes = train(ready)
+        outcomes = _train(ready)
         for i, flow in enumerate(flows):
             if i in ready:
                 jobs[i].enter()
@@ -257,7 +257,7 @@ def _finish(job: _HydraJob, flow: Any) -> JobReturn:
     raise AssertionError("a job's lifecycle pauses at most twice")
 
 
-def train(ready: dict[int, Any]) -> dict[int, Any]:
+def _train(ready: dict[int, Any]) -> dict[int, Any]:
     """Train the set-up jobs: those of one model shape, plan and starting step as one stack,
     any other alone. Each job's :class:`~mnistlab.loop.Fit` or what ended it, by index."""
     from . import checkpoint, job, lockstep
