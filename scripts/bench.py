@@ -58,7 +58,11 @@ from benchkit.speed import (  # noqa: E402
     row_throughput_cnn,
     row_throughput_mlp,
 )
-from benchkit.stacked import row_stacked_digits, row_stacked_mnist  # noqa: E402
+from benchkit.stacked import (  # noqa: E402
+    row_stacked_digits,
+    row_stacked_mnist,
+    row_stacked_steps,
+)
 
 from mnistlab.threads import resolve_threads  # noqa: E402
 
@@ -74,6 +78,7 @@ ROWS: list[Callable[[Bench], list[Row]]] = [
     row_overheads_mnist,
     row_startup,
     row_sweep,
+    row_stacked_steps,
     row_stacked_digits,
     row_stacked_mnist,
     row_threads,
@@ -101,6 +106,8 @@ ROW_NAMES = [
     "startup_first_step",
     "startup_heavy_imports",
     "sweep_10_jobs",
+    "stacked_steps_digits",
+    "stacked_steps_mnist",
     "stacked_sweep_digits",
     "stacked_sweep_digits_wall",
     "stacked_flops_digits",

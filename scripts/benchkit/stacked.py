@@ -13,9 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .common import NA, Bench, Row, fmt_flops, fmt_rate, gemm_rate, pct
-from .loops import config_flops_per_sample
-from .runs import app, read_summary, train_cmd, wait
+import torch
+import torch.nn.functional as F
+
+from mnistlab import data, models, regularizers
+from mnistlab.optim import build_optimizer
+
+from .common import NA, Bench, Row, fmt_flops, fmt_rate, gemm_rate, pct, sync
+from .loops import bare_step_parts, config_flops_per_sample
+from .runs import app, compose, read_summary, train_cmd, wait
 
 # The sweep both launchers run: 16 jobs that differ only in keys a stack lets differ (the
 # quick smoke run: 4 of them).
@@ -59,6 +65,68 @@ def row_stacked_mnist(b: Bench) -> list[Row]:
     ]
     what = f"mnist mlp, 1 epoch, dataset.limit_train={n} dataset.limit_test=1000"
     return _rows(b, "mnist", overrides, what)
+
+
+def row_stacked_steps(b: Bench) -> list[Row]:
+    """The computation alone: 16 copies of the default MLP stepped as one stack (gather,
+    forward, backward, update; no rows, BN points, evaluation or checkpoints) against one copy
+    in a bare eager loop, batch 32, on digits and on the bench's MNIST-format data."""
+    if importlib.util.find_spec("mnistlab.stack") is None:
+        return [Row("stacked_steps_digits", NA), Row("stacked_steps_mnist", NA)]
+    mnist = ["dataset=mnist", f"dataset.root={b.root}", "dataset.download=false",
+             f"dataset.limit_train={b.n(12000, 2000)}"]  # fmt: skip
+    rows = []
+    for label, overrides in (("digits", []), ("mnist", mnist)):
+        alone, _ = bare_step_parts(b, overrides, 32)
+        stacked = _stacked_rate(b, overrides, 32, 16)
+        b.gemm_peak = max(b.gemm_peak, gemm_rate(*b.gemm_shape, b.device, 0.3 if b.quick else 1.5))
+        flops = config_flops_per_sample(overrides)
+        rows.append(
+            Row(
+                f"stacked_steps_{label}",
+                f"{fmt_rate(stacked)} vs {fmt_rate(alone)}",
+                ratio=f"{stacked / alone:.1f}x",
+                note=f"16 copies of the {label} MLP as one Stack vs one copy's bare eager "
+                f"loop (the app's optimizer), batch 32, one epoch each; the stack reaches "
+                f"{pct(stacked * flops / b.gemm_peak)} of the GEMM rate, one copy "
+                f"{pct(alone * flops / b.gemm_peak)}",
+            )
+        )
+    return rows
+
+
+def _stacked_rate(b: Bench, overrides: list[str], batch: int, copies: int) -> float:
+    """Samples/s of ``copies`` copies (seeds 0.., rates spread over a decade) trained one epoch
+    each, as one :class:`mnistlab.stack.Stack`."""
+    from mnistlab.stack import Stack
+
+    cfg = compose([*overrides, f"trainer.batch_size={batch}"])
+    ds = data.load(cfg.dataset)
+    x_all, y_all = ds.train.x.to(b.device), ds.train.y.to(b.device)
+    built = []
+    for j in range(copies):
+        torch.manual_seed(j)
+        model = models.build(cfg.model, ds.image_shape, 10, 0.0).to(b.device)
+        opt = build_optimizer(cfg.optimizer, model.parameters())
+        for group in opt.param_groups:
+            group["lr"] = cfg.optimizer.lr * 10 ** (j / copies - 0.5)
+        built.append((model, opt, regularizers.build(model, cfg.regularizer)))
+    gens = [torch.Generator(b.device).manual_seed(j) for j in range(copies)]
+    stack = Stack(*(list(t) for t in zip(*built, strict=True)), gens)
+    lrs = [opt.param_groups[0]["lr"] for _, opt, _ in built]
+    n = len(x_all)
+    orders = torch.stack([torch.randperm(n, device=b.device) for _ in range(copies)])
+    sync(b.device)
+    t0 = time.perf_counter()
+    for idx in orders.split(batch, dim=1):
+        x = x_all.index_select(0, idx.flatten()).view(copies, idx.shape[1], *x_all.shape[1:])
+        y = y_all.index_select(0, idx.flatten()).view(copies, -1)
+        out = stack.forward(x)
+        sums = F.cross_entropy(out.flatten(0, 1), y.flatten(), reduction="none")
+        (sums.view(copies, -1).sum(1) / idx.shape[1]).sum().backward()
+        stack.step(lrs)
+    sync(b.device)
+    return copies * n / (time.perf_counter() - t0)
 
 
 def _rows(b: Bench, label: str, overrides: list[str], what: str) -> list[Row]:
