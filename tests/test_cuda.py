@@ -91,3 +91,28 @@ def test_gpu_options_complete_and_learn(tmp_path: Path, overrides: tuple[str, ..
     assert s["final"]["test/acc"] > 0.85, s["final"]
     if "trainer.compile=true" in overrides:  # dynamo really compiled the training forward
         assert counters["frames"]["ok"] >= 1, dict(counters["frames"])
+
+
+def test_a_stacked_sweep_on_cuda_trains_each_job_as_alone(tmp_path: Path) -> None:
+    """``hydra/launcher=stacked`` on the GPU: one group of four, each job completed with its
+    plan, its losses those of the same job run by the basic launcher on the GPU (cuBLAS sums
+    in another order: 1e-3; no dropout, whose CUDA masks differ by design)."""
+    from conftest import read_jsonl, read_summary, run_app
+
+    jobs = ("trainer.accelerator=cuda", "trainer.epochs=2", "trainer.log_every_n_steps=1",
+            "logger=none", "trainer.seed=0,1", "optimizer.lr=0.05,0.1")  # fmt: skip
+    for launcher in ("basic", "stacked"):
+        p = run_app(tmp_path / launcher, *jobs, f"hydra/launcher={launcher}", multirun=True)
+        assert p.returncode == 0, p.stderr[-3000:]
+    for i in range(4):
+        alone, job = tmp_path / "basic" / str(i), tmp_path / "stacked" / str(i)
+        s = read_summary(job)
+        assert (s["status"], s["stacked_jobs"], s["accounting_matches_plan"]) == (
+            "completed", 4, True
+        )  # fmt: skip
+        assert s["counted"] == read_summary(alone)["counted"]
+        rows = [(a, b) for a, b in zip(read_jsonl(alone / "metrics.jsonl"),
+                                       read_jsonl(job / "metrics.jsonl"), strict=True)
+                if "train/loss" in a][:50]  # fmt: skip
+        for a, b in rows:
+            assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-3)

@@ -157,3 +157,15 @@ def test_stacked_jobs_have_their_own_wandb_runs(tmp_path: Path) -> None:
         steps = read_summary(job)["counted"]["total_steps"]
         assert state["summary"]["counted/total_steps"] == steps
     assert len(ids) == 2
+
+
+def test_compare_cannot_tell_how_the_jobs_trained(pair: tuple[list[Path], list[Path]]) -> None:
+    from mnistlab import compare
+
+    (cols_a, rows_a), (cols_s, rows_s) = (
+        compare.table([jobs[0].parent], sort=None, per_run=True) for jobs in pair
+    )
+    assert cols_s == cols_a and len(rows_s) == len(rows_a) == 4
+    for ra, rs in zip(rows_a, rows_s, strict=True):
+        assert rs["overrides"] == ra["overrides"] and rs["status"] == ra["status"]
+        assert rs["test/acc"] == pytest.approx(ra["test/acc"], abs=0.02)

@@ -26,9 +26,10 @@ from torch import Tensor
 from .checkpoint import rng_state, stop_on_signals
 from .errors import Interrupted
 from .job import Job
-from .loop import Fit, Running, epoch_order, micro_batches, windows
+from .loop import Fit, Loop, Running, epoch_order, micro_batches, windows
 from .models import autocast
 from .stack import Stack
+from .steps import StepCounter
 
 
 @dataclass
@@ -66,9 +67,11 @@ class Lane:
 
     job: Job
     run: Running  # views of the group's sums
-    fit: Fit = field(init=False)
     lr: float = 0.0  # the rate of the step being taken
     outcome: BaseException | None = None  # how it ended early: diverged, interrupted, a bug
+    fit: Fit = field(init=False)  # what the lane's loop did
+    loop: Loop = field(init=False)  # the job's own: rows, callbacks, evaluation
+    counter: StepCounter = field(init=False)
 
     def __post_init__(self) -> None:
         self.fit = Fit(self.job.counter)
