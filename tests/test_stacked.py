@@ -4,6 +4,7 @@ each job checked against the same job trained by Hydra's basic launcher."""
 from __future__ import annotations
 
 import csv
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -94,7 +95,9 @@ def test_a_stacked_jobs_checkpoint_is_its_own_and_resumes_alone(
         if "running" in key:
             torch.testing.assert_close(s["model"][key], value, rtol=1e-3, atol=1e-4)
     assert s["optimizer"]["state"].keys() == a["optimizer"]["state"].keys()
-    # its own random stream: resuming it alone for one more epoch trains on
+    # its own random stream: resuming it alone for one more epoch trains on (in a copy: the
+    # sweep's folders are the other tests' too)
+    job = Path(shutil.copytree(job, tmp_path / "job"))
     p = run_app(job, "trainer.resume=true", "trainer.epochs=4", "logger=none")
     assert p.returncode == 0, p.stderr[-3000:]
     after = read_summary(job)

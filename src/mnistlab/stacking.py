@@ -257,6 +257,14 @@ def _finish(job: _HydraJob, flow: Any) -> JobReturn:
     raise AssertionError("a job's lifecycle pauses at most twice")
 
 
+def _stop_signal(outcomes: dict[int, Any]) -> int | None:
+    """The signal that interrupted a job already trained, if one did."""
+    from .errors import Interrupted
+
+    stopped = [e.signum for e in outcomes.values() if isinstance(e, Interrupted)]
+    return stopped[0] if stopped else None
+
+
 def _train(ready: dict[int, Any]) -> dict[int, Any]:
     """Train the set-up jobs: those of one model shape, plan and starting step as one stack,
     any other alone. Each job's :class:`~mnistlab.loop.Fit` or what ended it, by index."""
@@ -270,13 +278,8 @@ def _train(ready: dict[int, Any]) -> dict[int, Any]:
         by_shape[(signature(j.model), json.dumps(asdict(j.counter)), j.plan)].append(i)
     outcomes: dict[int, Any] = {}
     for members in by_shape.values():
-        stopped = [e for e in outcomes.values() if isinstance(e, Interrupted)]
-        if stopped:  # a stop signal ended the sweep: the rest keep the checkpoint they have
-            for i in members:
-                outcomes[i] = Interrupted(stopped[0].signum, ready[i].job.counter.optimizer_steps)
-            continue
         jobs, streams = [ready[i].job for i in members], [ready[i].streams for i in members]
-        if len(members) > 1:
+        if len(members) > 1 and _stop_signal(outcomes) is None:
             try:
                 outcomes.update(zip(members, lockstep.fit(jobs, streams), strict=True))
                 for i in members:
@@ -285,6 +288,10 @@ def _train(ready: dict[int, Any]) -> dict[int, Any]:
             except ValueError as e:  # the optimizers cannot stack after all
                 log.info("jobs %s train one by one: %s", members, e)
         for i in members:
+            signum = _stop_signal(outcomes)
+            if signum is not None:  # the sweep is stopping: the rest keep their checkpoint
+                outcomes[i] = Interrupted(signum, ready[i].job.counter.optimizer_steps)
+                continue
             checkpoint.set_rng_state(ready[i].streams.saved)  # where its own loop starts
             outcomes[i] = job.fit(ready[i].job)
     return outcomes
