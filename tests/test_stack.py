@@ -767,3 +767,35 @@ def test_stacked_evaluation_equals_each_copys_own(name: str) -> None:
         alone = evaluate(c.model, Split(x, y), batch_size=1024)
         assert losses[j].item() == pytest.approx(alone["loss"], rel=1e-5)
         assert accs[j].item() == pytest.approx(alone["acc"], abs=1e-9)
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_a_stacked_bn_pass_gives_each_copy_its_exact_statistics(name: str) -> None:
+    """The tap on the stack's eval-mode BatchNorm hands each copy's BN inputs, as the copy
+    alone sees them, to its own accumulators: each copy's statistics equal
+    ``bnstats.exact_stats`` of the copy alone, each over its own samples."""
+    from mnistlab.bnstats import Accumulators, exact_stats
+    from mnistlab.models import bn_layers
+
+    cfgs = copies({"model.name": name}, SGD | DROPOUT)
+    x, y = data()
+    built = [build(c, j) for j, c in enumerate(cfgs)]
+    stack = stack_of(built)
+    stacked_steps(stack, x, y, batches(5), lrs(built))
+    own = torch.stack([x[torch.randperm(len(x), generator=torch.Generator().manual_seed(j))]
+                       for j in range(4)])[:, :100]  # fmt: skip
+    layers = {n: m.num_features for n, m in bn_layers(stack.first).items()}
+    accs = [Accumulators(layers, 16) for _ in built]
+    stack.tap = lambda layer, xs: [a.add(layer, t) for a, t in zip(accs, xs, strict=True)]
+    with torch.inference_mode():
+        for start in range(0, 100, 48):  # chunks of 3 batches: a tail in the last one
+            stack.forward(own[:, start : start + 48], training=False)
+    stack.tap = None
+    for j, c in enumerate(built):
+        lone = exact_stats(c.model, own[j], None, batch_size=16, chunk_size=48)
+        got = accs[j].result(torch.device("cpu"))
+        assert got.keys() == lone.keys() == layers.keys()
+        for layer, stats in lone.items():
+            for part in ("data", "batch_mean", "batch_var"):
+                for a, b in zip(getattr(got[layer], part), getattr(stats, part), strict=True):
+                    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

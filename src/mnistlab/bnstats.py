@@ -213,6 +213,25 @@ class _Accumulator:
         return LayerStats(data, batch_mean, batch_var)
 
 
+class Accumulators:
+    """Exact input statistics of some BN layers, fed chunk by chunk (:meth:`add`): what
+    :func:`exact_stats` accumulates from its hooks, and what a stacked group's pass feeds
+    for each of its copies (:mod:`mnistlab.lockstep`)."""
+
+    def __init__(self, layers: dict[str, int], batch_size: int) -> None:
+        self.channels = layers  # name -> channels
+        self.acc = {n: _Accumulator(max(1, int(batch_size))) for n in layers}
+
+    def add(self, name: str, x: Tensor) -> None:
+        self.acc[name].add(x)
+
+    def result(self, device: torch.device) -> dict[str, LayerStats]:
+        """Merged across ranks; a layer never fed (an empty probe) gets count 0."""
+        return merge_across_ranks(
+            {n: a.result(self.channels[n], device) for n, a in self.acc.items()}
+        )
+
+
 def _chunks(x: Tensor, index: Tensor | None, size: int) -> Iterator[Tensor]:
     """``x[index]`` in chunks; without an index, views of ``x`` (no gather, no copy)."""
     for start in range(0, len(x) if index is None else len(index), size):
@@ -247,12 +266,12 @@ def exact_stats(
     wanted = list(all_bn) if layers is None else list(layers)
     b = max(1, int(batch_size))
     size = max(1, chunk_size // b) * b
-    acc = {n: _Accumulator(b) for n in wanted}
+    acc = Accumulators({n: all_bn[n].num_features for n in wanted}, b)
     seen: list[str] = []
 
     def hook_for(name: str) -> Callable[[nn.Module, tuple[Tensor, ...]], None]:
         def hook(module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
-            acc[name].add(inputs[0])
+            acc.add(name, inputs[0])
             if name not in seen:
                 seen.append(name)
             if len(seen) == len(wanted) and name == seen[-1]:
@@ -280,8 +299,7 @@ def exact_stats(
         for h in handles:
             h.remove()
         model.train(was_training)
-    # A layer the forward never reached (or an empty probe) gets count 0.
-    return merge_across_ranks({n: acc[n].result(all_bn[n].num_features, x.device) for n in wanted})
+    return acc.result(x.device)
 
 
 # ----------------------------------------------------------------------------- EMA theory
@@ -545,6 +563,7 @@ class Monitor(Callback):
         small = n_periodic <= PERIODIC_PROBE
         self.periodic_x = x[self.index["periodic"]] if small else None
         self.seconds = 0.0
+        self.offered: tuple[str, dict[str, LayerStats]] | None = None  # see offer()
         self.last: dict[str, dict[str, float]] = {}
         self.last_step: int | None = None
 
@@ -559,20 +578,44 @@ class Monitor(Callback):
             return 0.0
         return self.batch_size / p * (n - p) / (n - 1)
 
+    def probe(self, probe: str) -> tuple[Tensor, Tensor | None]:
+        """The samples of probe ``probe`` ("periodic" or "final"): ``x[index]``, or ``x``
+        itself when ``index`` is None."""
+        if probe == "periodic" and self.periodic_x is not None:
+            return self.periodic_x, None
+        return self.x, self.index[probe]
+
+    def offer(self, probe: str, stats: dict[str, LayerStats], seconds: float) -> None:
+        """The statistics of ``probe`` as they stand now, measured elsewhere (a stacked
+        group measures all its copies in one pass): the next :meth:`measure` of that probe
+        takes them instead of its own pass."""
+        self.offered = (probe, stats)
+        self.seconds += seconds
+
     def measure(self, probe: str = "final") -> dict[str, dict[str, float]]:
         t0 = time.perf_counter()
-        x, index = self.x, self.index[probe]
-        if probe == "periodic" and self.periodic_x is not None:
-            x, index = self.periodic_x, None
-        stats = exact_stats(self.model, x, index, self.batch_size, self.chunk_size, self.precision)
+        offered, self.offered = self.offered, None
+        if offered is not None and offered[0] == probe:
+            stats = offered[1]
+        else:
+            x, index = self.probe(probe)
+            stats = exact_stats(
+                self.model, x, index, self.batch_size, self.chunk_size, self.precision
+            )
         per_layer = gap_metrics(self.model, stats, self.probe_noise(probe))
         self.seconds += time.perf_counter() - t0
         return per_layer
 
-    def on_step(self, step: int) -> dict[str, Any] | None:
+    def probe_at(self, step: int) -> str | None:
+        """The probe a BN point at optimizer step ``step`` measures; None: not a point."""
         if not self.active or not self.cadence.bn_point(step):
             return None
-        probe = "final" if step == self.cadence.total_steps else "periodic"
+        return "final" if step == self.cadence.total_steps else "periodic"
+
+    def on_step(self, step: int) -> dict[str, Any] | None:
+        probe = self.probe_at(step)
+        if probe is None:
+            return None
         self.last = self.measure(probe)
         self.last_step = step if probe == "final" else None
         return flatten(self.last)

@@ -23,11 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .bnstats import Accumulators
 from .checkpoint import rng_state, stop_on_signals
 from .errors import Interrupted
 from .job import Job
 from .loop import Fit, Loop, Running, epoch_order, micro_batches, windows
-from .models import autocast
+from .models import autocast, bn_layers
 from .stack import Stack
 from .steps import StepCounter
 
@@ -127,6 +128,7 @@ def _walk(stack: Stack, lanes: list[Lane], loss: Tensor, correct: Tensor) -> Non
             for lane in lanes:
                 lane.lr = 0.0 if lane.outcome else lane.loop.optimizer.param_groups[0]["lr"]
             stack.step([lane.lr for lane in lanes])
+            _measure_bn(stack, lanes)
             _each(stack, lanes, lambda lane: lane.loop.close_step(
                 lane.counter, lane.run, lane.fit, lane.lr))  # fmt: skip
             if _stopped(stack, lanes):
@@ -136,6 +138,40 @@ def _walk(stack: Stack, lanes: list[Lane], loss: Tensor, correct: Tensor) -> Non
             ln.counter, ln.run, ln.fit, got.get(id(ln))))  # fmt: skip
         if _stopped(stack, lanes):
             return
+
+
+@torch.inference_mode()
+def _measure_bn(stack: Stack, lanes: list[Lane]) -> None:
+    """At a BN point (the step about to be closed), every lane's exact BN input statistics
+    in one stacked pass over each lane's own probe, offered to the lane's monitor (which
+    then computes its gaps as a lone run does)."""
+    live = [lane for lane in lanes if lane.outcome is None]
+    monitor = live[0].job.monitor if live else None
+    probe = monitor.probe_at(live[0].counter.optimizer_steps + 1) if monitor else None
+    if monitor is None or probe is None:
+        return
+    t0 = time.perf_counter()
+    layers = {n: m.num_features for n, m in bn_layers(stack.first).items()}
+    accs = [Accumulators(layers, monitor.batch_size) for _ in lanes]
+    stack.tap = lambda name, xs: [a.add(name, x) for a, x in zip(accs, xs, strict=True)]
+    probes = [lane.job.monitor.probe(probe) for lane in lanes]  # each lane's own samples
+    b = monitor.batch_size
+    size = max(1, monitor.chunk_size // b) * b
+    n = len(probes[0][0]) if probes[0][1] is None else len(probes[0][1])
+    try:
+        for start in range(0, n, size):
+            end = start + size
+            chunk = [x[start:end] if i is None else x.index_select(0, i[start:end])
+                     for x, i in probes]  # fmt: skip
+            with autocast(chunk[0].device, monitor.precision):
+                stack.forward(torch.stack(chunk), training=False)
+    finally:
+        stack.tap = None
+    seconds = time.perf_counter() - t0
+    device = lanes[0].loop.train.x.device
+    for lane, acc in zip(lanes, accs, strict=True):
+        if lane.outcome is None:
+            lane.job.monitor.offer(probe, acc.result(device), seconds)
 
 
 def _evaluate(stack: Stack, lanes: list[Lane], epochs: int) -> dict[int, Any]:

@@ -75,6 +75,10 @@ def _batch_norm(m: nn.Module, h: Tensor, s: Stack) -> Tensor:
     w, b = s.param(m, "weight").reshape(-1), s.param(m, "bias").reshape(-1)
     mean, var, tracked = s.buffers[s.names[m]]
     if not s.training:
+        if s.tap is not None:  # each copy's input, laid out as the copy alone sees it
+            g = s.size
+            s.tap(s.names[m], [h[i].t() for i in range(g)] if s.dense else list(
+                h.view(h.shape[0], g, -1, *h.shape[2:]).unbind(1)))  # fmt: skip
         out = F.batch_norm(x, mean.view(-1), var.view(-1), w, b, False, 0.0, m.eps)  # type: ignore[arg-type]
         return out.view_as(h)
     # torch's kernel at momentum 1 leaves this batch's mean and unbiased variance in the
@@ -206,6 +210,8 @@ class Stack:
         self.kind = _optimizer_kind(optimizers)
         self.size, self.models, self.generators = len(models), list(models), list(generators)
         self.first, self.training, self.dense = first, True, False
+        # Called with each BN layer's per-copy inputs in eval-mode forwards (BN statistics).
+        self.tap: Callable[[str, list[Tensor]], None] | None = None
         self.names = {m: n for n, m in first.named_children()}
         device = next(first.parameters()).device
         named = [dict(m.named_parameters()) for m in models]
