@@ -142,21 +142,22 @@ def _walk(stack: Stack, lanes: list[Lane], loss: Tensor, correct: Tensor) -> Non
 
 @torch.inference_mode()
 def _measure_bn(stack: Stack, lanes: list[Lane]) -> None:
-    """At a BN point (the step about to be closed), every lane's exact BN input statistics
-    in one stacked pass over each lane's own probe, offered to the lane's monitor (which
-    then computes its gaps as a lone run does)."""
+    """At a periodic BN point (the step about to be closed), every lane's exact BN input
+    statistics in one stacked pass over each lane's own probe, offered to the lane's monitor
+    (which then computes its gaps as a lone run does). Small probes: the pass is per-call
+    costs, paid once for all lanes instead of once per lane."""
     live = [lane for lane in lanes if lane.outcome is None]
     monitor = live[0].job.monitor if live else None
     probe = monitor.probe_at(live[0].counter.optimizer_steps + 1) if monitor else None
-    if monitor is None or probe is None:
-        return
+    if monitor is None or probe != "periodic":
+        return  # the final pass covers the whole set: large products, as fast lane by lane
     t0 = time.perf_counter()
     layers = {n: m.num_features for n, m in bn_layers(stack.first).items()}
     accs = [Accumulators(layers, monitor.batch_size) for _ in lanes]
     stack.tap = lambda name, xs: [a.add(name, x) for a, x in zip(accs, xs, strict=True)]
     probes = [lane.job.monitor.probe(probe) for lane in lanes]  # each lane's own samples
-    b = monitor.batch_size
-    size = max(1, monitor.chunk_size // b) * b
+    b = monitor.batch_size  # chunks of whole sub-batches, about a lone pass's chunk in all
+    size = max(1, monitor.chunk_size // (b * len(lanes))) * b
     n = len(probes[0][0]) if probes[0][1] is None else len(probes[0][1])
     try:
         for start in range(0, n, size):

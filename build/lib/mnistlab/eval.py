@@ -1,0 +1,163 @@
+"""``python -m mnistlab.eval RUN [key=value ...]`` (also ``mnistlab-eval``): a saved run,
+evaluated again from its checkpoint.
+
+RUN is a run folder (its ``checkpoints/last.pt`` is read) or a checkpoint file. The config is
+the one the checkpoint was written with, the run's resolved config: ``.hydra/config.yaml`` may
+since have been rewritten by a resume attempt. The data and the model are rebuilt from it as a
+run builds them (:func:`mnistlab.job.data_and_model`), the weights and BN buffers loaded, and
+then reported: loss and accuracy on every split of the dataset besides ``train``, and the gaps
+of the BN running statistics to the exact statistics of the training split, the measurement of
+the run's last BN point (:class:`mnistlab.bnstats.Monitor`). ``bn_stats.recalibrate=true`` on
+the command line adds the test accuracy after PreciseBN; the checkpoint is never changed.
+The report is printed and written atomically to ``RUN/eval.json`` (or ``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from . import checkpoint
+from .checkpoint import CheckpointError
+from .config import Config, register, validate
+from .errors import UserError, report, user_message
+from .files import atomic_write_json
+
+USAGE_HINT = "e.g. bn_stats.recalibrate=true or trainer.accelerator=cpu"
+
+
+def locate(target: Path) -> tuple[Path, Path]:
+    """``(checkpoint, run folder)`` for a run folder or a checkpoint file inside one."""
+    if target.is_dir():
+        ckpt = target / checkpoint.LAST
+        if not ckpt.is_file():
+            raise CheckpointError(
+                f"{target} holds no {checkpoint.LAST}: not a run folder, or its run stopped "
+                "before the first checkpoint"
+            )
+        return ckpt, target
+    if not target.exists():
+        raise CheckpointError(f"{target} does not exist: give a run folder or a checkpoint file")
+    run_dir = target.parent.parent if target.parent.name == "checkpoints" else target.parent
+    return target, run_dir
+
+
+def run_config(saved: Mapping[str, Any], overrides: Sequence[str], ckpt: Path) -> DictConfig:
+    """The checkpoint's config in the schema, PreciseBN off unless the command line asks for
+    it, then the command line's ``key=value`` overrides; checked as a run checks its config."""
+    register()
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(Config), saved)
+    except OmegaConfBaseException as e:
+        msg = user_message(e)
+        raise CheckpointError(f"{ckpt} holds a config this version can't read: {msg}") from None
+    cfg.bn_stats.recalibrate = False  # the checkpoint as saved; PreciseBN only when asked
+    for item in overrides:
+        key, sep, _ = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"{item!r} is not an override: give key=value, {USAGE_HINT}")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as e:
+            msg = str(user_message(e))
+            raise UserError(msg if msg.startswith(key) else f"{item}: {msg}") from None
+    validate(cfg)
+    assert isinstance(cfg, DictConfig)
+    return cfg
+
+
+def evaluate_checkpoint(cfg: DictConfig, state: Mapping[str, Any], ckpt: Path) -> dict[str, Any]:
+    """Rebuild the run's data and model, load the checkpoint, measure: the report's body."""
+    import torch
+
+    from . import bnstats, job, models
+    from .loop import evaluate
+    from .steps import Cadence, StepCounter
+    from .threads import resolve_threads
+
+    t = cfg.trainer
+    torch.set_num_threads(resolve_threads(t.num_threads))
+    ds, model = job.data_and_model(cfg, job.select_device(t.accelerator))
+    checkpoint.load_weights(state, model, ckpt)
+
+    def scores(split: Any) -> dict[str, float]:
+        return evaluate(model, split, t.eval_batch_size, t.precision)
+
+    metrics = {
+        f"{name}/{k}": v
+        for name, split in ds.splits().items()
+        if name != "train"
+        for k, v in scores(split).items()
+    }
+    counter = StepCounter(**state["counter"])
+    steps = max(1, counter.optimizer_steps)
+    monitor = bnstats.Monitor(
+        model, ds.train.x, batch_size=t.batch_size, precision=t.precision, seed=t.seed,
+        cadence=Cadence.of(steps, has_bn=bool(models.bn_layers(model))),
+        probe_samples=cfg.bn_stats.probe_samples,
+    )  # fmt: skip
+    _, bn_part = monitor.finish(
+        counter.micro_batches,
+        counter.optimizer_steps,
+        cfg.bn_stats.recalibrate,
+        lambda: scores(ds.test)["acc"],
+    )
+    metrics.update(bn_part.pop("final", {}))
+    return {"counted": counter.counted(), "metrics": metrics, **bn_part}
+
+
+def evaluate_run(target: Path, overrides: Sequence[str]) -> tuple[dict[str, Any], Path]:
+    """The whole report for a run folder or checkpoint, and the run folder it belongs to."""
+    ckpt, run_dir = locate(target)
+    state = checkpoint.read(ckpt)
+    cfg = run_config(state["config"], overrides, ckpt)
+    result = {"checkpoint": str(ckpt), **evaluate_checkpoint(cfg, state, ckpt)}
+    result["overrides"] = list(overrides)
+    result["config"] = OmegaConf.to_container(cfg, resolve=True)
+    return result, run_dir
+
+
+def render(result: Mapping[str, Any]) -> str:
+    """The report as a user reads it: where the checkpoint stood, then one metric a line."""
+    c = result["counted"]
+    lines = [
+        f"{result['checkpoint']}: optimizer step {c['total_steps']}, epoch {c['epochs']}, "
+        f"{c['total_micro_batches']} micro-batches"
+    ]
+    width = max((len(k) for k in result["metrics"]), default=0)
+    lines += [f"  {k:<{width}}  {v:.6g}" for k, v in result["metrics"].items()]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m mnistlab.eval",
+        description="Evaluate a saved run from its checkpoint: every evaluation split, the BN "
+        "gaps, and with bn_stats.recalibrate=true the accuracy after PreciseBN.",
+    )
+    p.add_argument("run", type=Path, help="a run folder, or a checkpoint file")
+    p.add_argument("overrides", nargs="*", help=f"key=value changes to its config, {USAGE_HINT}")
+    p.add_argument("--out", type=Path, metavar="PATH", help="the JSON report (RUN/eval.json)")
+    args = p.parse_intermixed_args(argv)
+    try:
+        result, run_dir = evaluate_run(args.run, args.overrides)
+        out = args.out or run_dir / "eval.json"
+        atomic_write_json(out, result)
+    except Exception as e:
+        message = user_message(e, composing=False)  # run_config turned the config's into lines
+        if message is None:
+            raise
+        return report(message)
+    print(render(result))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""``python -m mnistlab.plan <overrides>``: the step accounting of a run, without training.
+
+Takes the same overrides as ``mnistlab.train`` (composed by Hydra against the same config),
+checks them as the training app does, and needs no data on disk and no devices:
+``trainer.devices=8 trainer.num_nodes=2`` works on a laptop.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from hydra import compose, initialize_config_dir
+
+from .config import CONF_DIR, register, validate
+from .data import train_size
+from .errors import report, user_message
+from .models import smallest_batch
+from .schedules import check as check_schedule
+from .steps import StepPlan
+
+
+def plan_from_overrides(overrides: list[str]) -> tuple[StepPlan, int]:
+    """Compose the config as the training app would and derive its plan (and node count)."""
+    register()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    validate(cfg)
+    t = cfg.trainer
+    world, smallest = t.devices * t.num_nodes, smallest_batch(cfg.model)
+    plan = StepPlan.from_config(t, train_size(cfg.dataset), world, smallest)
+    check_schedule(cfg.scheduler, plan.total_steps)
+    return plan, t.num_nodes
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    as_json = "--json" in args
+    args = [a for a in args if a != "--json"]
+    if any(a in ("-h", "--help") for a in args):
+        print("usage: python -m mnistlab.plan [--json] [overrides ...]  (same overrides as train)")
+        return 0
+    try:
+        plan, nodes = plan_from_overrides(args)
+    except Exception as e:
+        message = user_message(e)
+        if message is None:
+            raise
+        return report(message)
+    print(json.dumps(plan.as_dict(), indent=2) if as_json else plan.banner(nodes))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
