@@ -319,8 +319,11 @@ class Stack:
                 ("momentum_buffer",) if any(g["momentum"] for g in groups) else ()
             )
         else:
-            self.beta1 = self.spread([g["betas"][0] for g in groups])
+            # Per copy [G] (bias corrections, once a step) and spread (the moment updates).
+            self.betas = torch.tensor([g["betas"] for g in groups], dtype=torch.float64)
+            self.keep1 = self.spread([1 - g["betas"][0] for g in groups])
             self.beta2 = self.spread([g["betas"][1] for g in groups])
+            self.keep2 = self.spread([1 - g["betas"][1] for g in groups])
             self.eps = self.spread([g["eps"] for g in groups])
             self.state_names = ("exp_avg", "exp_avg_sq")
         # One step count per copy and parameter (torch keeps one per parameter).
@@ -446,10 +449,13 @@ class Stack:
             if first:
                 self.state = {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
             m, v, t = self.state["exp_avg"], self.state["exp_avg_sq"], float(self.step_counts[0, 0])
-            m.lerp_(grad, 1 - self.beta1)
-            v.mul_(self.beta2).addcmul_(grad * (1 - self.beta2), grad)
-            step_size = lr / (1 - self.beta1**t)
-            denom = v.sqrt().div_((1 - self.beta2**t).sqrt()).add_(self.eps)
+            m.lerp_(grad, self.keep1)
+            v.mul_(self.beta2).addcmul_(grad * self.keep2, grad)
+            bias = 1 - self.betas**t  # [G, 2]: each copy's bias corrections, as torch's
+            per_copy = torch.stack([torch.tensor(lrs, dtype=torch.float64) / bias[:, 0],
+                                    bias[:, 1].sqrt()], 1).to(p)  # fmt: skip
+            step_size, bias2_sqrt = per_copy[self.lane_of].unbind(1)
+            denom = v.sqrt().div_(bias2_sqrt).add_(self.eps)
             p.addcdiv_(step_size * m, denom, value=-1)
         if first and self.state_names:
             self._lend_state()
