@@ -64,7 +64,7 @@ from benchkit.stacked import (  # noqa: E402
     row_stacked_steps,
 )
 
-from mnistlab.threads import resolve_threads  # noqa: E402
+from mnistlab.processes.threads import resolve_threads  # noqa: E402
 
 __all__ = ["ROWS", "ROW_NAMES", "main", "train_flops_per_sample"]
 
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     print(f"bench took {time.perf_counter() - start:.0f} s")
     if args.markdown:
-        from mnistlab.files import atomic_write_bytes
+        from mnistlab.core.files import atomic_write_bytes
 
         atomic_write_bytes(args.markdown, table.encode())
     return 1 if failed else 0

@@ -11,7 +11,7 @@ started at 0. Four estimators side by side, plus PyTorch's own ``BatchNorm1d`` a
 
 The same stream shifted to mean 1 shows that weight: the PyTorch-convention EMA lands near
 (1 - 0.135) * 1, the bias-corrected one near 1. Then a grid over momentum and batch size
-compares the measured RMS error of the EMA with the theory in ``mnistlab.bnstats`` (initial
+compares the measured RMS error of the EMA with the theory in ``mnistlab.bn.stats`` (initial
 weight and noise factor). ``--plot`` draws the shifted stream's estimators, the initial
 value's weight and the grid. Run:
 ``python scripts/ema_demo.py [--seed 0] [--plot ema.png] [--json out.json]``.
@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from mnistlab.bnstats import init_weight, noise_factor
+from mnistlab.bn.stats import init_weight, noise_factor
 
 N_VALUES, BATCH, MOMENTUM = 10_000, 5, 0.001
 SHIFT = 1.0  # the shifted stream's mean: large against the EMA's noise, so the bias shows
@@ -170,7 +170,7 @@ def plot(shifted: dict[str, Any], rows: list[dict[str, float]], path: str) -> No
     initial value's weight (1 - m)^t, and the grid's measured against predicted RMS error."""
     from pathlib import Path
 
-    from mnistlab.pictures import new_figure, save_png
+    from mnistlab.results.pictures import new_figure, save_png
 
     fig = new_figure(15, 4.8)
     traj, weight, grid_ax = fig.subplots(1, 3, width_ratios=[2, 1, 1.2])
@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         from pathlib import Path
 
-        from mnistlab.files import atomic_write_json
+        from mnistlab.core.files import atomic_write_json
 
         out = {k: v for k, v in res.items() if k != "trajectories"} | {"grid": rows}
         out["shifted"] = {k: v for k, v in shifted.items() if k != "trajectories"}

@@ -1,6 +1,6 @@
 """Faults the tests inject into real runs, through the app's one seam for extra callbacks.
 
-A run takes them like any loop callback (``mnistlab.loop.Callback``), from the config:
+A run takes them like any loop callback (``mnistlab.engine.loop.Callback``), from the config:
 
     python -m mnistlab.train +callbacks.kill._target_=faults.KillAtMicroBatch +callbacks.kill.at=8
 
@@ -14,8 +14,8 @@ import os
 import signal
 from typing import Any
 
-from mnistlab.loop import Callback
-from mnistlab.steps import StepCounter
+from mnistlab.engine.loop import Callback
+from mnistlab.engine.steps import StepCounter
 
 
 def override(name: str, cls: type, **params: Any) -> list[str]:

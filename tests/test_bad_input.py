@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from mnistlab import data
 from mnistlab.config import DatasetConfig
+from mnistlab.engine import data
 
 from conftest import ROOT, run_app, write_mnist_layout
 

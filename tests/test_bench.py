@@ -48,8 +48,8 @@ def test_quick_bench_prints_every_row(tmp_path: Path) -> None:
 def test_flop_count_of_an_mlp_training_step() -> None:
     """Forward 2 FLOPs per weight and sample; backward 4, except the first layer's 2 (no
     gradient for the input): 784-128-64-10 does 2*W + 4*W - 2*784*128 per sample."""
-    from mnistlab import models
     from mnistlab.config import ModelConfig
+    from mnistlab.engine import models
 
     net = models.build(ModelConfig(), (1, 28, 28), 10, 0.0)
     weights = 784 * 128 + 128 * 64 + 64 * 10

@@ -14,10 +14,10 @@ import pytest
 import torch
 from torch import nn
 
-from mnistlab import bnstats
-from mnistlab.bnstats import LayerStats, Moments, chan_merge, exact_stats, merge_across_ranks
-from mnistlab.models import bn_layers
-from mnistlab.steps import Cadence
+from mnistlab.bn import stats as bnstats
+from mnistlab.bn.stats import LayerStats, Moments, chan_merge, exact_stats, merge_across_ranks
+from mnistlab.engine.models import bn_layers
+from mnistlab.engine.steps import Cadence
 
 from conftest import ROOT, png_size, read_jsonl, read_summary, run_app
 
@@ -470,7 +470,7 @@ def test_default_probe_is_a_subset_periodically_and_the_whole_set_at_the_end(
 
 
 def test_console_lines_keep_bn_aggregates_only(caplog: pytest.LogCaptureFixture) -> None:
-    from mnistlab.sinks import ConsoleSink
+    from mnistlab.logger.sinks import ConsoleSink
 
     sink = ConsoleSink(total_steps=10, mode="lines")
     row = {"optimizer_step": 10, "bn/gap_mean": 0.5, "bn/2/mean_gap_mean": 0.25, "test/acc": 0.9}

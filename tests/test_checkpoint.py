@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 import torch
 
-from mnistlab import checkpoint
-from mnistlab.errors import ConfigError, Diverged
-from mnistlab.steps import StepCounter
+from mnistlab.core.errors import ConfigError, Diverged
+from mnistlab.engine import checkpoint
+from mnistlab.engine.steps import StepCounter
 
 from conftest import ROOT, read_jsonl, read_summary, run_app
 from faults import KillAfterSave, KillAtMicroBatch, override
@@ -144,7 +144,7 @@ def test_resume_refuses_missing_foreign_and_different_config(tmp_path: Path) -> 
 
 
 def test_checkpointer_never_saves_a_diverged_model(tmp_path: Path) -> None:
-    from mnistlab.loop import Running
+    from mnistlab.engine.loop import Running
 
     model = torch.nn.Linear(2, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -11,8 +11,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from mnistlab import aggregate, compare
-from mnistlab.aggregate import Stat
+from mnistlab import compare
+from mnistlab.results import aggregate, curves, folders
+from mnistlab.results.aggregate import Stat
 
 LRS = ("0.02", "0.1")
 SEEDS = (0, 1, 2)
@@ -70,7 +71,7 @@ def sweep(tmp_path: Path) -> Path:
 
 
 def test_seed_groups_are_mean_std_n_against_numpy(sweep: Path) -> None:
-    columns, rows = compare.table([sweep])
+    columns, rows = folders.table([sweep])
     assert columns[:3] == ["run", "optimizer.lr", "trainer.seed"]
     assert [r["optimizer.lr"] for r in rows] == ["0.1", "0.02"]  # sorted by mean test/acc
     for row in rows:
@@ -80,16 +81,16 @@ def test_seed_groups_are_mean_std_n_against_numpy(sweep: Path) -> None:
         assert cell.mean == pytest.approx(np.mean(accs), abs=1e-15)
         assert cell.std == pytest.approx(np.std(accs, ddof=1), abs=1e-15)
         assert row["trainer.seed"] == "0,1,2" and row["status"] == "completed"
-    text = compare.render(columns, rows)
+    text = folders.render(columns, rows)
     assert f"{rows[0]['test/acc'].mean:.4g} ± {rows[0]['test/acc'].std:.2g} (3)" in text
 
-    _, per_run = compare.table([sweep], per_run=True)
+    _, per_run = folders.table([sweep], per_run=True)
     assert len(per_run) == 6 and per_run[0]["test/acc"] == max(ACC.values())
 
 
 def test_a_failed_seed_is_counted_out_and_named(sweep: Path) -> None:
     write_run(sweep / "6", "0.1", 3, status="diverged", steps=7)
-    _, rows = compare.table([sweep])
+    _, rows = folders.table([sweep])
     (best,) = [r for r in rows if r["optimizer.lr"] == "0.1"]
     assert best["status"] == "3×completed,diverged" and best["trainer.seed"] == "0,1,2,3"
     assert best["test/acc"].n == 3  # the diverged run has no accuracy to average
@@ -136,7 +137,7 @@ def test_series_mean_and_band_against_numpy() -> None:
 
 
 def test_figure_draws_a_mean_line_and_band_per_seed_group(sweep: Path) -> None:
-    fig = compare.figure([sweep], ["train/loss", "test/acc"], x="epoch", logy=True)
+    fig = curves.figure([sweep], ["train/loss", "test/acc"], x="epoch", logy=True)
     loss_ax, acc_ax = fig.axes
     assert loss_ax.get_yscale() == "log" and loss_ax.get_ylabel() == "train/loss"
     assert acc_ax.get_xlabel() == "epoch"
@@ -144,18 +145,18 @@ def test_figure_draws_a_mean_line_and_band_per_seed_group(sweep: Path) -> None:
     assert [ln.get_label() for ln in lines] == ["optimizer.lr=0.02 (3 seeds)",
                                                  "optimizer.lr=0.1 (3 seeds)"]  # fmt: skip
     for line, lr in zip(lines, LRS, strict=True):
-        curves = np.array([[r["train/loss"] for r in curve(lr, s, 20)] for s in SEEDS])
+        losses = np.array([[r["train/loss"] for r in curve(lr, s, 20)] for s in SEEDS])
         x, y = line.get_xydata().T
         assert x.tolist() == pytest.approx([s / 10 for s in range(1, 21)])
-        assert y.tolist() == pytest.approx(curves.mean(axis=0).tolist())
+        assert y.tolist() == pytest.approx(losses.mean(axis=0).tolist())
     band = loss_ax.collections[0].get_paths()[0].vertices[:, 1]
-    curves = np.array([[r["train/loss"] for r in curve("0.02", s, 20)] for s in SEEDS])
-    mean, std = curves.mean(axis=0), curves.std(axis=0, ddof=1)
+    losses = np.array([[r["train/loss"] for r in curve("0.02", s, 20)] for s in SEEDS])
+    mean, std = losses.mean(axis=0), losses.std(axis=0, ddof=1)
     assert band.max() == pytest.approx((mean + std).max())
     assert band.min() == pytest.approx((mean - std).min())
     assert len(acc_ax.get_lines()[0].get_xydata()) == 4  # test/acc every 5th step
 
-    per_run = compare.figure([sweep], ["train/loss"], per_run=True)
+    per_run = curves.figure([sweep], ["train/loss"], per_run=True)
     assert len(per_run.axes[0].get_lines()) == 6 and not per_run.axes[0].collections
 
 
@@ -166,7 +167,7 @@ def test_several_plots_one_png_and_unknown_metric(
     args = [str(sweep), "--plot", "train/loss", "--plot", "test/acc", "--logy", "--out", str(png)]
     assert compare.main(args) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert compare.plot([sweep], ["train/loss", "test/acc"]).name == "train_loss+test_acc.png"
+    assert curves.plot([sweep], ["train/loss", "test/acc"]).name == "train_loss+test_acc.png"
     capsys.readouterr()
     assert compare.main([str(sweep), "--plot", "val/acc"]) == 2
     err = capsys.readouterr().err
@@ -177,7 +178,7 @@ def test_config_and_summary_values_as_columns_and_sort_keys(
     sweep: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     cols = ["trainer.batch_size", "counted/total_micro_batches"]
-    columns, rows = compare.table([sweep], "trainer.batch_size", True, cols, per_run=True)
+    columns, rows = folders.table([sweep], "trainer.batch_size", True, cols, per_run=True)
     assert columns[-2:] == cols
     assert [r["trainer.batch_size"] for r in rows] == [16, 32, 48, 64, 80, 96]
     assert {r["counted/total_micro_batches"] for r in rows} == {40}
@@ -211,5 +212,5 @@ def test_unreadable_runs_are_skipped_with_one_warning(
     out, err = capsys.readouterr()
     assert "0.9" in out and "completed" in out
     assert err.count("warning: skipping") == 1 and str(broken) in err
-    assert compare.read_metrics(good) == [{"optimizer_step": 1, "train/loss": 2.0}]
+    assert folders.read_metrics(good) == [{"optimizer_step": 1, "train/loss": 2.0}]
     assert "skipped 1 unreadable line" in capsys.readouterr().err

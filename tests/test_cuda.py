@@ -1,11 +1,13 @@
 """The GPU path: run by ``scripts/gpu_check.sh`` on a machine with CUDA, skipped elsewhere.
 
 Data resident on the device, no per-step host syncs, bf16 autocast, ``torch.compile`` and
-channels_last for the cnn, each through the real job (``mnistlab.job.run``) on the bundled digits.
+channels_last for the cnn, each through the real job (``mnistlab.app.job.run``) on the bundled
+digits.
 """
 
 from __future__ import annotations
 
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -14,8 +16,8 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from mnistlab.app.job import run as run_job
 from mnistlab.config import CONF_DIR, register, validate
-from mnistlab.job import run as run_job
 
 pytestmark = [
     pytest.mark.cuda,
@@ -31,7 +33,7 @@ def run(tmp_path: Path, *overrides: str) -> dict[str, Any]:
         )
     validate(cfg)
     tmp_path.mkdir(parents=True, exist_ok=True)
-    return run_job(cfg, tmp_path)
+    return run_job(cfg, tmp_path, started=time.perf_counter())
 
 
 def test_cuda_run_matches_cpu_accounting_and_learns(tmp_path: Path) -> None:

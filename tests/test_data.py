@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from mnistlab import data
 from mnistlab.config import DatasetConfig
-from mnistlab.errors import ConfigError
+from mnistlab.core.errors import ConfigError
+from mnistlab.engine import data
 
 
 def test_digits_split_is_fixed_stratified_and_normalized() -> None:
@@ -131,10 +131,10 @@ def test_digits_fall_back_to_the_public_loader(monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_default_run_does_not_import_scikit_learn() -> None:
-    code = "import sys; from mnistlab import data; from mnistlab.config import DatasetConfig\n"
+    code = "import sys; from mnistlab.engine import data; from mnistlab.config import DatasetConfig\n"
     code += "data.load(DatasetConfig()); print(sorted(sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert "mnistlab.data" in out.stdout and "sklearn" not in out.stdout
+    assert "mnistlab.engine.data" in out.stdout and "sklearn" not in out.stdout
 
 
 @pytest.mark.parametrize(

@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 from hydra import compose, initialize_config_dir
 
-from mnistlab import distributed
 from mnistlab.config import CONF_DIR, register
-from mnistlab.errors import ConfigError
+from mnistlab.core.errors import ConfigError
+from mnistlab.processes import distributed
 
 from conftest import ROOT, read_jsonl, read_summary, run_app
 from faults import KillRankAt, RaiseAtStep, override
@@ -95,7 +95,7 @@ def test_impossible_launches_are_one_line_errors(
 
 
 def test_callbacks_seam_instantiates_callbacks_and_refuses_others() -> None:
-    from mnistlab.job import _callbacks
+    from mnistlab.app.job import _callbacks
 
     cfg = _cfg(*override("fault", RaiseAtStep, rank=1, step=3))
     (fault,) = _callbacks(cfg.callbacks)

@@ -11,10 +11,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from mnistlab import checkpoint, data, models
 from mnistlab.config import Config
+from mnistlab.engine import checkpoint, data, models
+from mnistlab.engine.steps import StepCounter
 from mnistlab.eval import main as eval_main
-from mnistlab.steps import StepCounter
 
 from conftest import ROOT, read_summary, run_app
 

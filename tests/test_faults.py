@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mnistlab import checkpoint, data
 from mnistlab.config import DatasetConfig
-from mnistlab.errors import ConfigError
+from mnistlab.core.errors import ConfigError
+from mnistlab.engine import checkpoint, data
 
 from conftest import ROOT, read_jsonl, read_summary, run_app, write_mnist_layout
 from faults import KillAfterSave, override
@@ -221,8 +221,8 @@ def test_accelerator_cuda_without_a_gpu_names_the_accelerator() -> None:
         pytest.skip("a CUDA device is visible")
     from hydra import compose, initialize_config_dir
 
-    from mnistlab import distributed
     from mnistlab.config import CONF_DIR, register
+    from mnistlab.processes import distributed
 
     register()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

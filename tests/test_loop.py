@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mnistlab.data import Split
-from mnistlab.loop import Loop, LoopConfig
-from mnistlab.regularizers import Regularizer
-from mnistlab.sinks import Sinks
-from mnistlab.steps import Cadence, StepCounter, StepPlan
+from mnistlab.engine.data import Split
+from mnistlab.engine.loop import Loop, LoopConfig
+from mnistlab.engine.regularizers import Regularizer
+from mnistlab.engine.steps import Cadence, StepCounter, StepPlan
+from mnistlab.logger.sinks import Sinks
 
 
 def fit(model: nn.Module, opt: torch.optim.Optimizer, plan: StepPlan, split: Split) -> StepCounter:

@@ -9,9 +9,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from torch import nn
 
-from mnistlab import models
 from mnistlab.config import CONF_DIR, register
-from mnistlab.errors import ConfigError
+from mnistlab.core.errors import ConfigError
+from mnistlab.engine import models
 
 from conftest import read_summary, run_app
 

@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from mnistlab import compare, data
 from mnistlab.config import OBJECTIVES, register
-from mnistlab.errors import ConfigError
+from mnistlab.core.errors import ConfigError
+from mnistlab.engine import data
 from mnistlab.plan import CONF_DIR, plan_from_overrides
+from mnistlab.results import folders
 
 from conftest import read_jsonl, read_summary, run_app
 
@@ -74,12 +75,12 @@ def test_a_run_evaluates_the_validation_part_and_returns_the_objective(tmp_path:
 
 
 def test_sweep_summary_puts_the_objective_beside_status() -> None:
-    columns = compare.with_objective(compare.COLUMNS[1:], "val/loss")
+    columns = folders.with_objective(folders.COLUMNS[1:], "val/loss")
     assert columns[:3] == ["overrides", "status", "val/loss"] and columns.count("val/loss") == 1
     rows = [{"val/loss": 0.3, "run": "0"}, {"val/loss": 0.2, "run": "1"}, {"run": "2"}]
-    assert compare.best(rows, "val/loss", "minimize")["run"] == "1"  # type: ignore[index]
-    assert compare.best(rows, "val/loss", "maximize")["run"] == "0"  # type: ignore[index]
-    assert compare.best([{"run": "0", "val/acc": float("nan")}], "val/acc", "maximize") is None
+    assert folders.best(rows, "val/loss", "minimize")["run"] == "1"  # type: ignore[index]
+    assert folders.best(rows, "val/loss", "maximize")["run"] == "0"  # type: ignore[index]
+    assert folders.best([{"run": "0", "val/acc": float("nan")}], "val/acc", "maximize") is None
 
 
 @pytest.mark.slow

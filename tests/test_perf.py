@@ -15,9 +15,9 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from mnistlab.app.job import run as run_job
 from mnistlab.config import CONF_DIR, register, validate
-from mnistlab.job import run as run_job
-from mnistlab.threads import resolve_threads
+from mnistlab.processes.threads import resolve_threads
 
 from conftest import ROOT, read_summary, run_app
 
@@ -39,7 +39,7 @@ def test_summary_records_first_step_and_threads(tmp_path: Path) -> None:
             ],
         )
     validate(cfg)
-    s = run_job(cfg, tmp_path)
+    s = run_job(cfg, tmp_path, started=time.perf_counter())
     t = s["timings"]
     assert s["status"] == "completed"
     assert t["startup_s"] <= t["first_step_s"] <= t["wall_s"]
@@ -92,7 +92,7 @@ def test_default_run_imports_neither_torchvision_nor_wandb(tmp_path: Path) -> No
     """The default digits run never imports torchvision; W&B is imported only by its sink
     (the default logger), never with ``logger=none``."""
     imported = _imports(tmp_path / "default")
-    assert "torch" in imported and "mnistlab.loop" in imported  # the probe sees real imports
+    assert "torch" in imported and "mnistlab.engine.loop" in imported  # the probe sees real imports
     assert not {m for m in imported if m.split(".")[0] == "torchvision"}
     assert "wandb" in imported  # the default logger is W&B
     local = _imports(tmp_path / "none", "logger=none")
@@ -141,7 +141,7 @@ def test_compiled_model_is_not_recompiled_by_bn_points(tmp_path: Path) -> None:
 def test_thread_governor_gives_way_to_a_busy_process() -> None:
     """``trainer.num_threads=auto`` follows the load: a process that keeps one of our cores
     busy leaves one thread to training (two spinning OpenMP threads beside it would crawl)."""
-    from mnistlab.threads import ThreadGovernor, cpu_cores
+    from mnistlab.processes.threads import ThreadGovernor, cpu_cores
 
     if cpu_cores() < 2:
         pytest.skip("needs 2 cores")

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from mnistlab import models, regularizers
 from mnistlab.config import ModelConfig, RegularizerConfig
+from mnistlab.engine import models, regularizers
 
 from conftest import read_jsonl, read_summary, run_app
 

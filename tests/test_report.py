@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from mnistlab import loop, pictures, report, series
-from mnistlab.steps import StepPlan
+from mnistlab import report
+from mnistlab.engine import loop
+from mnistlab.engine.steps import StepPlan
+from mnistlab.results import pictures, reports, series
 
 from conftest import ROOT, png_size, read_jsonl, read_summary, run_app
 
@@ -104,16 +106,16 @@ def _fake_run(folder: Path, overrides: list[str], final: dict, threads: int = 1)
 def test_markdown_table_formats_finals_and_dotted_keys(tmp_path: Path) -> None:
     a = _fake_run(tmp_path / "0", ["regularizer=none", "x=1"], {"test/acc": 0.98891, "n": 3})
     b = _fake_run(tmp_path / "1", ["regularizer=l1", "x=1"], {"weights/sparsity_exact": 0.5051})
-    runs = [report.Run.load(p) for p in (a, b)]
-    lines = report.markdown_table(runs).splitlines()
+    runs = [reports.Run.load(p) for p in (a, b)]
+    lines = reports.markdown_table(runs).splitlines()
     assert lines[0].startswith("| regularizer | test acc |") and "x" not in lines[0].split("|")
     assert lines[2].startswith("| none | 0.9889 |") and lines[3].startswith("| l1 | - |")
     assert "50.5%" in lines[3]
-    custom = report.markdown_table(runs, ["n", "config.regularizer.l1"]).splitlines()
+    custom = reports.markdown_table(runs, ["n", "config.regularizer.l1"]).splitlines()
     assert custom[0] == "| regularizer | n | config.regularizer.l1 |"
     assert custom[2] == "| none | 3 | 0.02 |"
-    with pytest.raises(report.ReportError, match="'nope': no run has it"):
-        report.markdown_table(runs, ["nope"])
+    with pytest.raises(reports.ReportError, match="'nope': no run has it"):
+        reports.markdown_table(runs, ["nope"])
 
 
 def test_table_goes_between_the_markers(tmp_path: Path) -> None:
@@ -128,7 +130,7 @@ def test_table_goes_between_the_markers(tmp_path: Path) -> None:
     assert "old" not in text and text.endswith("<!-- /report:reg -->\nafter\n")
     assert "| l2 | 0.7500 |" in text
     assert f"Made by `python -m mnistlab.report {' '.join(args)}` on commit" in text
-    assert "1 torch thread(s) per run" in text and report.cpu_model() in text
+    assert "1 torch thread(s) per run" in text and reports.cpu_model() in text
     assert report.main(args) == 0 and readme.read_text() == text  # rerunning changes nothing
 
 
@@ -234,7 +236,7 @@ def test_sweep_reports_momenta_steps_and_regularizers(tmp_path: Path) -> None:
     assert "| model.bn_momentum | test acc |" in page
     assert "[model.bn_momentum=null](../1/report/report.md)" in page
     # the sweep's step bars are each job's plan
-    runs = [report.Run.load(mixed / str(i)) for i in range(4)]
+    runs = [reports.Run.load(mixed / str(i)) for i in range(4)]
     jobs = [series.job_steps("", r.summary) for r in runs]
     assert [j.steps for j in jobs] == [r.summary["counted"]["total_steps"] for r in runs]
     assert [j.micro_batches for j in jobs] == [

@@ -16,14 +16,14 @@ import torch
 from torch import nn
 from torch.utils.data import BatchSampler, DistributedSampler
 
-from mnistlab import checkpoint, schedules
 from mnistlab.config import SchedulerConfig
-from mnistlab.data import Split
-from mnistlab.errors import ConfigError
-from mnistlab.loop import Loop, LoopConfig
+from mnistlab.core.errors import ConfigError
+from mnistlab.engine import checkpoint, schedules
+from mnistlab.engine.data import Split
+from mnistlab.engine.loop import Loop, LoopConfig
+from mnistlab.engine.regularizers import Regularizer
+from mnistlab.engine.steps import Cadence, StepPlan
 from mnistlab.plan import main as plan_main
-from mnistlab.regularizers import Regularizer
-from mnistlab.steps import Cadence, StepPlan
 
 from conftest import read_jsonl, read_summary, run_app
 from faults import KillAfterSave, KillAtMicroBatch, override

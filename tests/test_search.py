@@ -24,8 +24,15 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
 from mnistlab.config import CONF_DIR, register
-from mnistlab.errors import ConfigError
-from mnistlab.search import JOURNAL, RESULTS, RETRY_OF, first_point, overrides_of, search_space
+from mnistlab.core.errors import ConfigError
+from mnistlab.sweeps.search import (
+    JOURNAL,
+    RESULTS,
+    RETRY_OF,
+    first_point,
+    overrides_of,
+    search_space,
+)
 
 from conftest import read_summary, run_app
 from faults import KillInJob, RaiseInJob, override
@@ -115,7 +122,7 @@ def test_preset_composes_the_optuna_sweeper_and_leaves_the_job_config_alone() ->
 def test_plugin_scan_does_not_load_optuna() -> None:
     """Hydra imports the plugin on every run: Optuna loads only when the sweeper is chosen."""
     code = "import sys, hydra_plugins.mnistlab_optuna_sweeper.optuna_sweeper as m\n"
-    code += "print('optuna' in sys.modules, 'mnistlab.search' in sys.modules)"
+    code += "print('optuna' in sys.modules, 'mnistlab.sweeps.search' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
 

@@ -1,6 +1,6 @@
-"""The stacked model (:mod:`mnistlab.stack`): ``G`` copies trained as one computation train as
-each copy trains alone (losses, weights, BN statistics, optimizer state, dropout masks), keep a
-lone run's checkpoint format, and stay independent lanes.
+"""The stacked model (:mod:`mnistlab.sweeps.stack`): ``G`` copies trained as one computation
+train as each copy trains alone (losses, weights, BN statistics, optimizer state, dropout
+masks), keep a lone run's checkpoint format, and stay independent lanes.
 
 Every random draw here is from a seeded generator, or inside ``torch.random.fork_rng``: the
 process's global stream is left as it was."""
@@ -20,11 +20,11 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from mnistlab import models, regularizers
-from mnistlab.checkpoint import own_storage
-from mnistlab.optim import build_optimizer
-from mnistlab.regularizers import Regularizer
-from mnistlab.stack import Stack, signature
+from mnistlab.engine import models, regularizers
+from mnistlab.engine.checkpoint import own_storage
+from mnistlab.engine.optim import build_optimizer
+from mnistlab.engine.regularizers import Regularizer
+from mnistlab.sweeps.stack import Stack, signature
 
 DIGITS = (1, 8, 8)
 MNIST = (1, 28, 28)
@@ -754,8 +754,8 @@ def test_global_random_stream_untouched_by_stacked_dropout() -> None:
 def test_stacked_evaluation_equals_each_copys_own(name: str) -> None:
     """After some training (BN statistics of their own), one stacked pass in eval mode gives
     every copy the loss and accuracy ``loop.evaluate`` gives it alone, chunks included."""
-    from mnistlab.data import Split
-    from mnistlab.loop import evaluate
+    from mnistlab.engine.data import Split
+    from mnistlab.engine.loop import evaluate
 
     cfgs = copies({"model.name": name}, SGD | DROPOUT)
     x, y = data()
@@ -774,8 +774,8 @@ def test_a_stacked_bn_pass_gives_each_copy_its_exact_statistics(name: str) -> No
     """The tap on the stack's eval-mode BatchNorm hands each copy's BN inputs, as the copy
     alone sees them, to its own accumulators: each copy's statistics equal
     ``bnstats.exact_stats`` of the copy alone, each over its own samples."""
-    from mnistlab.bnstats import Accumulators, exact_stats
-    from mnistlab.models import bn_layers
+    from mnistlab.bn.stats import Accumulators, exact_stats
+    from mnistlab.engine.models import bn_layers
 
     cfgs = copies({"model.name": name}, SGD | DROPOUT)
     x, y = data()

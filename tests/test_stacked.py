@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 
-from mnistlab import checkpoint
+from mnistlab.engine import checkpoint
 
 from conftest import read_jsonl, read_summary, run_app
 from test_sweeps import leet, no_credentials_env, wandb_run_dir
@@ -167,10 +167,10 @@ def test_stacked_jobs_have_their_own_wandb_runs(tmp_path: Path) -> None:
 
 
 def test_compare_cannot_tell_how_the_jobs_trained(pair: tuple[list[Path], list[Path]]) -> None:
-    from mnistlab import compare
+    from mnistlab.results import folders
 
     (cols_a, rows_a), (cols_s, rows_s) = (
-        compare.table([jobs[0].parent], sort=None, per_run=True) for jobs in pair
+        folders.table([jobs[0].parent], sort=None, per_run=True) for jobs in pair
     )
     assert cols_s == cols_a and len(rows_s) == len(rows_a) == 4
     for ra, rs in zip(rows_a, rows_s, strict=True):

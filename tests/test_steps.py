@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.data import DistributedSampler
 
-from mnistlab.loop import epoch_order, micro_batches, windows
-from mnistlab.steps import StepCounter, StepPlan
+from mnistlab.engine.loop import epoch_order, micro_batches, windows
+from mnistlab.engine.steps import StepCounter, StepPlan
 
 
 def sampler_order(plan: StepPlan, seed: int, epoch: int, rank: int) -> list[int]:

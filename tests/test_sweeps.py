@@ -21,13 +21,15 @@ from hydra.types import RunMode
 from hydra_plugins.hydra_joblib_launcher.config import JobLibLauncherConf
 from omegaconf import OmegaConf
 
-from mnistlab import compare, sinks
+from mnistlab import compare
 from mnistlab.config import CONF_DIR, register
-from mnistlab.errors import ConfigError
+from mnistlab.core.errors import ConfigError
+from mnistlab.engine.steps import Cadence, StepPlan
+from mnistlab.logger import sinks
 from mnistlab.plan import main as plan_main
 from mnistlab.plan import plan_from_overrides
-from mnistlab.steps import Cadence, StepPlan
-from mnistlab.threads import parallel_jobs
+from mnistlab.processes.threads import parallel_jobs
+from mnistlab.results import curves, folders
 
 from conftest import ROOT, read_jsonl, read_summary, run_app
 
@@ -191,7 +193,7 @@ def test_compare_table_csv_and_plot(
     ]
     assert lines[3].split()[:3] == ["1", "1e+30", read_summary(sweep_dir / "1")["status"]]
 
-    columns, rows = compare.table([sweep_dir])
+    columns, rows = folders.table([sweep_dir])
     with out_csv.open() as f:
         reader = csv.DictReader(f)
         assert reader.fieldnames == columns
@@ -201,7 +203,7 @@ def test_compare_table_csv_and_plot(
 
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
-    by_samples = compare.plot([sweep_dir], "test/acc", x="samples_seen", out=tmp_path / "acc.png")
+    by_samples = curves.plot([sweep_dir], "test/acc", x="samples_seen", out=tmp_path / "acc.png")
     assert by_samples.stat().st_size > 10_000
 
 
@@ -209,13 +211,13 @@ def test_compare_table_csv_and_plot(
 def test_compare_several_sweeps_single_runs_and_the_module_entry(
     ok_sweep: tuple[Path, Any], failing_sweep: tuple[Path, Any]
 ) -> None:
-    columns, rows = compare.table([ok_sweep[0], failing_sweep[0]], sort="test/acc")
+    columns, rows = folders.table([ok_sweep[0], failing_sweep[0]], sort="test/acc")
     assert len(rows) == 5 and "optimizer.lr" in columns
     assert rows[-1]["status"] != "completed"  # no accuracy: sorted last
     accs = [r["test/acc"] for r in rows[:-1]]
     assert accs == sorted(accs, reverse=True)
 
-    columns, rows = compare.table([ok_sweep[0] / "1"])
+    columns, rows = folders.table([ok_sweep[0] / "1"])
     assert [r["overrides"] for r in rows] == ["trainer.epochs=2 optimizer.lr=0.05"]
     assert "overrides" in columns
 
@@ -277,7 +279,7 @@ def test_auto_mode_follows_wandb_credentials(tmp_path: Path) -> None:
     script = textwrap.dedent(
         f"""
         import os
-        from mnistlab.sinks import wandb_mode
+        from mnistlab.logger.sinks import wandb_mode
         print(wandb_mode("auto"))
         with open({str(tmp_path / "netrc")!r}, "w") as f:
             f.write("machine api.wandb.ai\\n  login user\\n  password " + "a" * 40 + "\\n")
@@ -302,7 +304,7 @@ def test_auto_mode_follows_wandb_credentials(tmp_path: Path) -> None:
 
 
 def test_default_import_does_not_load_wandb() -> None:
-    code = "import sys, mnistlab.train, mnistlab.sinks, mnistlab.compare\n"
+    code = "import sys, mnistlab.train, mnistlab.logger.sinks, mnistlab.compare\n"
     code += "print('wandb' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
@@ -327,8 +329,8 @@ def test_overrides_that_differ() -> None:
         {"overrides": "+experiment=bn_momentum trainer.epochs=2 model.bn_momentum=null"},
         {"overrides": "trainer.epochs=2 model.bn_momentum=null trainer.seed=1"},
     ]
-    assert compare.differing_overrides(rows) == ["experiment", "model.bn_momentum", "trainer.seed"]
-    assert compare.parse_overrides(rows[0]["overrides"])["experiment"] == "bn_momentum"
+    assert folders.differing_overrides(rows) == ["experiment", "model.bn_momentum", "trainer.seed"]
+    assert folders.parse_overrides(rows[0]["overrides"])["experiment"] == "bn_momentum"
 
 
 def test_bad_cadence_and_accumulation_are_one_line_errors(
@@ -356,8 +358,13 @@ def test_wandb_sink_cadence_rank_and_summary(tmp_path: Path) -> None:
         cfg = compose(config_name="config", overrides=overrides)
     plan = StepPlan(384, 1, 32, 1, 1, False)  # 12 steps
     cadence = Cadence.of(12, wandb=cfg.logger.wandb.log_every_n_steps, has_bn=False)
-    assert sinks.build(cfg.logger, tmp_path / "rank1", plan, cadence, rank=1).sinks == []
-    fan_out = sinks.build(cfg.logger, tmp_path, plan, cadence, progress="none", rank=0)
+    assert (
+        sinks.build(cfg.logger, tmp_path / "rank1", plan.as_dict(), cadence.wandb_row, rank=1).sinks
+        == []
+    )
+    fan_out = sinks.build(
+        cfg.logger, tmp_path, plan.as_dict(), cadence.wandb_row, progress="none", rank=0
+    )
     assert [type(s).__name__ for s in fan_out.sinks] == ["ConsoleSink", "JsonlSink", "WandbSink"]
     for step in range(1, 13):
         fan_out.log({"optimizer_step": step, "samples_seen": 32 * step, "train/loss": 1 / step})

@@ -18,8 +18,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from mnistlab import compare, wandb_run
 from mnistlab.config import CONF_DIR, register
+from mnistlab.logger import wandb_run
+from mnistlab.results import folders
 
 from conftest import read_jsonl, read_summary, run_app
 from test_sweeps import leet, no_credentials_env, wandb_run_dir
@@ -191,7 +192,7 @@ def test_sweep_names_differ_only_in_the_swept_key_and_share_one_group(tmp_path: 
     assert {i["run_group"] for i in infos} == {f"trainer.seed {when}"}
 
     # the same two runs locally: one configuration, two seeds
-    (row,) = compare.table([sweep])[1]
+    (row,) = folders.table([sweep])[1]
     accs = [read_summary(sweep / job)["final"]["test/acc"] for job in ("0", "1")]
     assert row["test/acc"].n == 2 and row["test/acc"].mean == pytest.approx(sum(accs) / 2)
     assert row["trainer.seed"] == "0,1"

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from mnistlab import data, models
-from mnistlab.optim import build_optimizer
+from mnistlab.engine import data, models
+from mnistlab.engine.optim import build_optimizer
 
 from .common import Bench, sync
 from .runs import compose, mnist_overrides

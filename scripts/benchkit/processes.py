@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import time
 
-from mnistlab.threads import cpu_cores, resolve_threads
+from mnistlab.processes.threads import cpu_cores, resolve_threads
 
 from .common import Bench, Row, fmt_rate, threads
 from .runs import app, mnist_overrides, ours, read_summary, train_cmd, train_rate, wait

@@ -75,7 +75,7 @@ def mnist_overrides(b: Bench, model: str, n: int, batch: int = 64, epochs: int =
 
 def ours(b: Bench, overrides: list[str]) -> tuple[dict[str, Any], float, Path]:
     """One in-process run of the real app's ``train_job``: (summary, seconds, run folder)."""
-    from mnistlab.job import run as run_job
+    from mnistlab.app.job import run as run_job
 
     base = [f"trainer.accelerator={b.device}", "trainer.progress=none"]
     if not any(o.startswith("logger=") for o in overrides):
@@ -84,7 +84,7 @@ def ours(b: Bench, overrides: list[str]) -> tuple[dict[str, Any], float, Path]:
     out = Path(tempfile.mkdtemp(dir=b.work, prefix="run-"))
     sync(b.device)
     t0 = time.perf_counter()
-    summary = run_job(cfg, out)
+    summary = run_job(cfg, out, started=time.perf_counter())
     sync(b.device)
     elapsed = time.perf_counter() - t0
     if summary.get("status") != "completed":

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from mnistlab.threads import cpu_cores
+from mnistlab.processes.threads import cpu_cores
 
 from .common import Bench, Row, fmt_flops, fmt_rate, gemm_rate, pct, spread
 from .loops import bare_step_parts, baseline_rate, config_flops_per_sample

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from mnistlab import data, models, regularizers
-from mnistlab.optim import build_optimizer
+from mnistlab.engine import data, models, regularizers
+from mnistlab.engine.optim import build_optimizer
 
 from .common import NA, Bench, Row, fmt_flops, fmt_rate, gemm_rate, pct, sync
 from .loops import bare_step_parts, config_flops_per_sample
@@ -71,7 +71,7 @@ def row_stacked_steps(b: Bench) -> list[Row]:
     """The computation alone: 16 copies of the default MLP stepped as one stack (gather,
     forward, backward, update; no rows, BN points, evaluation or checkpoints) against one copy
     in a bare eager loop, batch 32, on digits and on the bench's MNIST-format data."""
-    if importlib.util.find_spec("mnistlab.stack") is None:
+    if importlib.util.find_spec("mnistlab.sweeps.stack") is None:
         return [Row("stacked_steps_digits", NA), Row("stacked_steps_mnist", NA)]
     mnist = ["dataset=mnist", f"dataset.root={b.root}", "dataset.download=false",
              f"dataset.limit_train={b.n(12000, 2000)}"]  # fmt: skip
@@ -97,8 +97,8 @@ def row_stacked_steps(b: Bench) -> list[Row]:
 
 def _stacked_rate(b: Bench, overrides: list[str], batch: int, copies: int) -> float:
     """Samples/s of ``copies`` copies (seeds 0.., rates spread over a decade) trained one epoch
-    each, as one :class:`mnistlab.stack.Stack`."""
-    from mnistlab.stack import Stack
+    each, as one :class:`mnistlab.sweeps.stack.Stack`."""
+    from mnistlab.sweeps.stack import Stack
 
     cfg = compose([*overrides, f"trainer.batch_size={batch}"])
     ds = data.load(cfg.dataset)
@@ -133,7 +133,7 @@ def _rows(b: Bench, label: str, overrides: list[str], what: str) -> list[Row]:
     """Both launchers on the same sweep, basic first: the jobs' time, the command's time and
     the stacked group's share of the GEMM rate."""
     names = [f"stacked_sweep_{label}", f"stacked_sweep_{label}_wall", f"stacked_flops_{label}"]
-    if importlib.util.find_spec("mnistlab.stacking") is None:
+    if importlib.util.find_spec("mnistlab.sweeps.stacking") is None:
         return [Row(n, NA) for n in names]
     basic = _sweep(b, label, "basic", overrides)
     stacked = _sweep(b, label, "stacked", overrides)

@@ -4,10 +4,10 @@ evaluated again from its checkpoint.
 RUN is a run folder (its ``checkpoints/last.pt`` is read) or a checkpoint file. The config is
 the one the checkpoint was written with, the run's resolved config: ``.hydra/config.yaml`` may
 since have been rewritten by a resume attempt. The data and the model are rebuilt from it as a
-run builds them (:func:`mnistlab.job.data_and_model`), the weights and BN buffers loaded, and
+run builds them (:func:`mnistlab.app.job.data_and_model`), the weights and BN buffers loaded, and
 then reported: loss and accuracy on every split of the dataset besides ``train``, and the gaps
 of the BN running statistics to the exact statistics of the training split, the measurement of
-the run's last BN point (:class:`mnistlab.bnstats.Monitor`). ``bn_stats.recalibrate=true`` on
+the run's last BN point (:class:`mnistlab.bn.stats.Monitor`). ``bn_stats.recalibrate=true`` on
 the command line adds the test accuracy after PreciseBN; the checkpoint is never changed.
 The report is printed and written atomically to ``RUN/eval.json`` (or ``--out``).
 """
@@ -23,11 +23,12 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from . import checkpoint
-from .checkpoint import CheckpointError
-from .config import Config, register, validate
-from .errors import UserError, report, user_message
-from .files import atomic_write_json
+from mnistlab.app.checks import check
+from mnistlab.config import Config, compose_message, register
+from mnistlab.core.errors import UserError, report, user_message
+from mnistlab.core.files import atomic_write_json
+from mnistlab.engine import checkpoint
+from mnistlab.engine.checkpoint import CheckpointError
 
 USAGE_HINT = "e.g. bn_stats.recalibrate=true or trainer.accelerator=cpu"
 
@@ -55,7 +56,7 @@ def run_config(saved: Mapping[str, Any], overrides: Sequence[str], ckpt: Path) -
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(Config), saved)
     except OmegaConfBaseException as e:
-        msg = user_message(e)
+        msg = compose_message(e)
         raise CheckpointError(f"{ckpt} holds a config this version can't read: {msg}") from None
     cfg.bn_stats.recalibrate = False  # the checkpoint as saved; PreciseBN only when asked
     for item in overrides:
@@ -65,9 +66,9 @@ def run_config(saved: Mapping[str, Any], overrides: Sequence[str], ckpt: Path) -
         try:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as e:
-            msg = str(user_message(e))
+            msg = str(compose_message(e))
             raise UserError(msg if msg.startswith(key) else f"{item}: {msg}") from None
-    validate(cfg)
+    check(cfg)
     assert isinstance(cfg, DictConfig)
     return cfg
 
@@ -76,10 +77,12 @@ def evaluate_checkpoint(cfg: DictConfig, state: Mapping[str, Any], ckpt: Path) -
     """Rebuild the run's data and model, load the checkpoint, measure: the report's body."""
     import torch
 
-    from . import bnstats, job, models
-    from .loop import evaluate
-    from .steps import Cadence, StepCounter
-    from .threads import resolve_threads
+    from mnistlab.app import job
+    from mnistlab.bn import stats as bnstats
+    from mnistlab.engine import models
+    from mnistlab.engine.loop import evaluate
+    from mnistlab.engine.steps import Cadence, StepCounter
+    from mnistlab.processes.threads import resolve_threads
 
     t = cfg.trainer
     torch.set_num_threads(resolve_threads(t.num_threads))
@@ -150,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = args.out or run_dir / "eval.json"
         atomic_write_json(out, result)
     except Exception as e:
-        message = user_message(e, composing=False)  # run_config turned the config's into lines
+        message = user_message(e)  # run_config turned the config's into lines
         if message is None:
             raise
         return report(message)

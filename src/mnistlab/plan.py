@@ -12,12 +12,13 @@ import sys
 
 from hydra import compose, initialize_config_dir
 
-from .config import CONF_DIR, register, validate
-from .data import train_size
-from .errors import report, user_message
-from .models import smallest_batch
-from .schedules import check as check_schedule
-from .steps import StepPlan
+from mnistlab.app.checks import check
+from mnistlab.config import CONF_DIR, compose_message, register
+from mnistlab.core.errors import report
+from mnistlab.engine.data import train_size
+from mnistlab.engine.models import smallest_batch
+from mnistlab.engine.schedules import check as check_schedule
+from mnistlab.engine.steps import StepPlan
 
 
 def plan_from_overrides(overrides: list[str]) -> tuple[StepPlan, int]:
@@ -25,7 +26,7 @@ def plan_from_overrides(overrides: list[str]) -> tuple[StepPlan, int]:
     register()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
-    validate(cfg)
+    check(cfg)
     t = cfg.trainer
     world, smallest = t.devices * t.num_nodes, smallest_batch(cfg.model)
     plan = StepPlan.from_config(t, train_size(cfg.dataset), world, smallest)
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         plan, nodes = plan_from_overrides(args)
     except Exception as e:
-        message = user_message(e)
+        message = compose_message(e)
         if message is None:
             raise
         return report(message)

@@ -57,7 +57,7 @@ class OptunaSweeperConf:
 
 
 class OptunaSweeper(Sweeper):
-    """Hands the sweep to :func:`mnistlab.search.run` with the launcher Hydra configured."""
+    """Hands the sweep to :func:`mnistlab.sweeps.search.run` with the launcher Hydra configured."""
 
     def __init__(
         self,
@@ -69,7 +69,7 @@ class OptunaSweeper(Sweeper):
         study_name: str | None,
         params: DictConfig | None,
     ) -> None:
-        from mnistlab.search import Options
+        from mnistlab.sweeps.search import Options
 
         self.options = Options(sampler, direction, n_trials, n_jobs, storage, study_name, params)
 
@@ -84,7 +84,7 @@ class OptunaSweeper(Sweeper):
         )
 
     def sweep(self, arguments: list[str]) -> Any:
-        from mnistlab.search import run
+        from mnistlab.sweeps.search import run
 
         return run(self, self.options, arguments)
 

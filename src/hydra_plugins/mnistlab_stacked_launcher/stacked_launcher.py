@@ -25,7 +25,7 @@ class StackedLauncherConf:
 
 
 class StackedLauncher(Launcher):
-    """Hands the sweep's jobs to :func:`mnistlab.stacking.launch`."""
+    """Hands the sweep's jobs to :func:`mnistlab.sweeps.stacking.launch`."""
 
     def __init__(self, max_group: int) -> None:
         self.max_group = max_group
@@ -38,7 +38,7 @@ class StackedLauncher(Launcher):
     def launch(
         self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
     ) -> Sequence[JobReturn]:
-        from mnistlab.stacking import launch
+        from mnistlab.sweeps.stacking import launch
 
         return launch(self.hydra_context, self.task_function, self.config, job_overrides,
                       initial_job_idx, self.max_group)  # fmt: skip

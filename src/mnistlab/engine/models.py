@@ -1,0 +1,154 @@
+"""The model families, and the few facts about a model that other modules need.
+
+Each family is one builder in :data:`MODELS` (plus one ``conf/model/<name>.yaml``): a
+function of the ``model`` config node, the image shape, the class count and the dropout rate.
+
+BatchNorm's ``momentum`` goes to PyTorch untouched: it is the weight of the *new* batch
+(``running = (1 - m) * running + m * batch``); ``None`` makes it a cumulative average.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from mnistlab.core.errors import ConfigError
+
+Shape = tuple[int, int, int]  # (channels, height, width)
+
+
+def _hidden_block(
+    layer: nn.Module, width: int, bn: bool, momentum: float | None, dropout: float, dims: int
+) -> list[nn.Module]:
+    """layer -> [BN] -> ReLU -> [Dropout]; the layer's bias is dropped when BN follows."""
+    block: list[nn.Module] = [layer]
+    if bn:
+        norm = nn.BatchNorm1d if dims == 1 else nn.BatchNorm2d
+        block.append(norm(width, momentum=momentum))
+    block.append(nn.ReLU(inplace=True))
+    if dropout > 0:
+        block.append(nn.Dropout(dropout) if dims == 1 else nn.Dropout2d(dropout))
+    return block
+
+
+def _dense(width: int, hidden: Any, cfg: Any, dropout: float) -> tuple[list[nn.Module], int]:
+    """[Linear -> BN -> ReLU -> Dropout] per hidden width; returns the layers and the width."""
+    layers: list[nn.Module] = []
+    for out in hidden:
+        linear = nn.Linear(width, out, bias=not cfg.bn)
+        layers += _hidden_block(linear, out, cfg.bn, cfg.bn_momentum, dropout, 1)
+        width = out
+    return layers, width
+
+
+def mlp(cfg: Any, in_shape: Shape, num_classes: int, dropout: float) -> nn.Sequential:
+    """Flatten -> [Linear -> BN -> ReLU -> Dropout] x len(hidden) -> Linear."""
+    c, h, w = in_shape
+    layers, width = _dense(c * h * w, cfg.hidden, cfg, dropout)
+    return nn.Sequential(nn.Flatten(), *layers, nn.Linear(width, num_classes))
+
+
+def _convs(cfg: Any, in_shape: Shape, kernel: int) -> tuple[list[nn.Module], int]:
+    """[Conv kernel x kernel -> BN -> ReLU -> MaxPool2] per width in ``channels``; returns the
+    layers and the flattened size. "Same" padding keeps the size until each pool halves it, so
+    two blocks take the 8x8 digits (8 -> 4 -> 2) as well as 28x28 images (28 -> 14 -> 7)."""
+    c, h, w = in_shape
+    layers: list[nn.Module] = []
+    for out in cfg.channels:
+        conv = nn.Conv2d(c, out, kernel, padding=kernel // 2, bias=not cfg.bn)
+        layers += _hidden_block(conv, out, cfg.bn, cfg.bn_momentum, 0.0, 2)
+        layers.append(nn.MaxPool2d(2))
+        c, h, w = out, h // 2, w // 2
+    return layers, c * h * w
+
+
+def cnn(cfg: Any, in_shape: Shape, num_classes: int, dropout: float) -> nn.Sequential:
+    """Two 3x3 conv blocks with 2x2 pooling, then an MLP head: works for 8x8 and 28x28."""
+    layers, width = _convs(cfg, in_shape, 3)
+    head, width = _dense(width, list(cfg.hidden)[:1], cfg, dropout)
+    return nn.Sequential(*layers, nn.Flatten(), *head, nn.Linear(width, num_classes))
+
+
+def lenet(cfg: Any, in_shape: Shape, num_classes: int, dropout: float) -> nn.Sequential:
+    """LeNet-5 with BatchNorm: two 5x5 conv blocks (``channels``: 6, 16), then a dense layer
+    per ``hidden`` width (120, 84), each with BN, ReLU and dropout, then the classifier."""
+    layers, width = _convs(cfg, in_shape, 5)
+    head, width = _dense(width, cfg.hidden, cfg, dropout)
+    return nn.Sequential(*layers, nn.Flatten(), *head, nn.Linear(width, num_classes))
+
+
+def _two_conv_widths(cfg: Any) -> None:
+    if len(cfg.channels) != 2:
+        raise ConfigError(
+            "model.channels", list(cfg.channels), f"exactly two conv widths for {cfg.name}"
+        )
+
+
+@dataclass(frozen=True)
+class Family:
+    build: Callable[[Any, Shape, int, float], nn.Module]
+    check: Callable[[Any], None] | None = None  # shape rules the schema can't express
+
+
+# One line per model family; its yaml in conf/model/ names the same key.
+MODELS: dict[str, Family] = {
+    "mlp": Family(mlp),
+    "cnn": Family(cnn, _two_conv_widths),
+    "lenet": Family(lenet, _two_conv_widths),
+}
+
+
+def check(cfg: Any) -> None:
+    """Refuse an unknown family or a shape it can't build, before any work."""
+    if cfg.name not in MODELS:
+        raise ConfigError("model.name", cfg.name, "one of " + ", ".join(MODELS))
+    if MODELS[cfg.name].check is not None:
+        MODELS[cfg.name].check(cfg)  # type: ignore[misc]
+
+
+def smallest_batch(cfg: Any) -> int:
+    """The fewest samples a training micro-batch may hold: BatchNorm normalizes each channel
+    over the batch, and one sample has no spread (BatchNorm1d refuses it in training)."""
+    return 2 if cfg.bn else 1
+
+
+def build(cfg: Any, in_shape: Shape, num_classes: int, dropout: float) -> nn.Module:
+    """The ``model`` config node's network for images of ``in_shape``."""
+    check(cfg)
+    return MODELS[cfg.name].build(cfg, in_shape, num_classes, dropout)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside DDP (``module``) and ``torch.compile`` (``_orig_mod``): its
+    parameter names, state dict and hooks are the model's own."""
+    for attr in ("module", "_orig_mod", "module"):
+        model = getattr(model, attr, model)
+    return model
+
+
+def bn_layers(model: nn.Module) -> dict[str, _BatchNorm]:
+    """Every BatchNorm layer that keeps running statistics, by qualified name, upstream first."""
+    return {
+        n: m
+        for n, m in unwrap(model).named_modules()
+        if isinstance(m, _BatchNorm) and m.track_running_stats and m.running_mean is not None
+    }
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """``trainer.precision``: bf16 autocast, or nothing for fp32."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def memory_format(model: nn.Module, device: torch.device) -> torch.memory_format:
+    """NHWC (channels_last) for convolutions on CUDA, cuDNN's fast layout; else the default."""
+    convs = any(isinstance(m, nn.Conv2d) for m in model.modules())
+    return torch.channels_last if convs and device.type == "cuda" else torch.contiguous_format

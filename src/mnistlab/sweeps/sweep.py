@@ -1,0 +1,174 @@
+"""A sweep as a whole: its summary at the end, and stopping it as one.
+
+:class:`Sweep` is a Hydra callback (``conf/config.yaml``). When a ``-m`` sweep starts it
+refuses launcher settings that cannot run and takes SIGTERM/SIGINT for the whole sweep: the
+signal goes on to every job process the launcher started (each one checkpoints at its next
+step boundary and writes its summary as ``interrupted``), any process still alive after
+:data:`GRACE_S` seconds is killed, ``sweep_summary.csv`` is written and the sweep exits with
+128 + signal. Jobs in this same process (Hydra's basic launcher) stop through their own
+checkpointer and call :func:`stop` when they end. Re-running the sweep with
+``trainer.resume=true`` then skips completed jobs, resumes interrupted ones and starts the
+ones that never ran (``mnistlab.train``).
+
+When the sweep ends, ``sweep_summary.csv`` is written and the sweep exits non-zero if a job
+did not complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from mnistlab.core import signals
+from mnistlab.core.errors import ConfigError, report
+
+log = logging.getLogger("mnistlab")
+GRACE_S = 10.0  # how long job processes get to checkpoint before they are killed
+
+
+class Sweep(Callback):
+    """The sweep's start (launcher check, stop handling) and end (``sweep_summary.csv``)."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _check_launcher(config.hydra.launcher)
+        signals.install_for_sweep(Stop(Path(config.hydra.sweep.dir), config.objective))
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        signals.install_for_sweep(None)
+        if write_summary(Path(config.hydra.sweep.dir), config.objective):
+            sys.exit(1)
+
+
+def _check_launcher(launcher: Any) -> None:
+    """Launcher settings that cannot run, as one line (the launcher's own error would be a
+    traceback from inside joblib). Hydra turns a callback's exception into a warning and goes
+    on, so this exits itself."""
+    target = str(launcher.get("_target_", ""))
+    if "joblib" in target and launcher.get("n_jobs") == 0:
+        allowed = "an integer >= 1, or negative to count back from the cores (-1: one per core)"
+        sys.exit(report(str(ConfigError("hydra.launcher.n_jobs", 0, allowed))))
+    if "stacked" in target and launcher.get("max_group", 1) < 1:
+        error = ConfigError("hydra.launcher.max_group", launcher.max_group, "an integer >= 1")
+        sys.exit(report(str(error)))
+
+
+def write_summary(sweep_dir: Path, objective: Any) -> list[dict[str, Any]]:
+    """``sweep_summary.csv``: one row per job folder, the overrides that differ and the
+    objective's column (``objective.metric``); logs the best job. Returns the rows of the jobs
+    that did not complete (logged)."""
+    from mnistlab.core.files import atomic_write_bytes
+    from mnistlab.results.folders import (
+        COLUMNS,
+        best,
+        differing_overrides,
+        find_runs,
+        offline_wandb_runs,
+        parse_overrides,
+        row_of,
+        to_csv,
+        with_objective,
+    )
+
+    runs = find_runs([sweep_dir])
+    rows = [row_of(r) for r in runs]
+    keys = differing_overrides(rows)
+    for row in rows:
+        row.update(parse_overrides(row["overrides"]))
+    metric, direction = objective.metric, objective.direction
+    columns = ["run", *keys, *with_objective(COLUMNS[1:], metric)]
+    atomic_write_bytes(sweep_dir / "sweep_summary.csv", to_csv(rows, columns).encode())
+    top = best(rows, metric, direction)
+    if top is not None:
+        log.info("best job by %s (%s): %s = %.4g [%s]", metric, direction, top["run"],
+                 top[metric], top["overrides"])  # fmt: skip
+    offline = offline_wandb_runs(runs)
+    if offline:
+        log.info("W&B: %d offline runs; upload them with: wandb sync %s", len(offline),
+                 " ".join(map(str, offline)))  # fmt: skip
+    failed = [r for r in rows if r["status"] != "completed"]
+    if failed:
+        log.error(
+            "%d of %d jobs did not complete (%s); see %s",
+            len(failed),
+            len(rows),
+            "; ".join(f"[{r['overrides']}] {r['status']}" for r in failed),
+            sweep_dir / "sweep_summary.csv",
+        )
+    return failed
+
+
+class Stop(signals.SweepStop):
+    """The sweep's SIGTERM/SIGINT handler in the process that runs the sweep."""
+
+    def __init__(self, sweep_dir: Path, objective: Any) -> None:
+        self.sweep_dir, self.objective = sweep_dir, objective
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        stop(signum, self.sweep_dir, self.objective)
+
+
+def stop(signum: int, sweep_dir: Path, objective: Any) -> None:
+    """Stop the whole sweep: pass the signal on to the job processes, give them
+    :data:`GRACE_S` seconds to checkpoint, kill what is left, write the summary, exit."""
+    name = signal.Signals(signum).name
+    children = _descendants(os.getpid())
+    signals.send(children, signum)
+    deadline = time.monotonic() + GRACE_S
+    while _alive(children, heeding=signum) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    signals.send(_alive(children), signal.SIGKILL)
+    write_summary(sweep_dir, objective)
+    resume = "run the same command again with trainer.resume=true (and the same hydra.sweep.dir)"
+    print(f"sweep interrupted by {name}: {sweep_dir / 'sweep_summary.csv'}; to continue, {resume}",
+          file=sys.stderr, flush=True)  # fmt: skip
+    sys.stdout.flush()
+    os._exit(128 + signum)  # from inside a launcher's wait: no cleanup of its own to run
+
+
+def _descendants(root: int) -> list[int]:
+    """Every process below ``root`` (from ``/proc``: each process's parent)."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    out, frontier = [], [root]
+    while frontier:
+        kids = [pid for pid, parent in parents.items() if parent in frontier]
+        out += kids
+        frontier = kids
+    return out
+
+
+def _alive(pids: list[int], heeding: int | None = None) -> list[int]:
+    """The processes of ``pids`` still running (a zombie has ended; it is reaped as such);
+    with ``heeding``, only those that do not ignore that signal (helpers such as Python's
+    resource tracker ignore SIGTERM: waiting for them would only burn the grace period)."""
+    alive = []
+    for pid in pids:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        if fields.get("State", "").strip().startswith("Z"):
+            _reap(pid)
+        elif heeding is None or not int(fields.get("SigIgn", "0"), 16) >> (heeding - 1) & 1:
+            alive.append(pid)
+    return alive
+
+
+def _reap(pid: int) -> None:
+    with contextlib.suppress(ChildProcessError):  # not our child: its parent reaps it
+        os.waitpid(pid, os.WNOHANG)
