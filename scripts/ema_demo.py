@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from mnistlab.bn.stats import init_weight, noise_factor
+from mnistlab.bn.theory import init_weight, noise_factor
 
 N_VALUES, BATCH, MOMENTUM = 10_000, 5, 0.001
 SHIFT = 1.0  # the shifted stream's mean: large against the EMA's noise, so the bias shows

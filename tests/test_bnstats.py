@@ -14,8 +14,12 @@ import pytest
 import torch
 from torch import nn
 
-from mnistlab.bn import stats as bnstats
+from mnistlab.bn import monitor as bn_monitor
+from mnistlab.bn.gaps import GAP_KEYS, gap_metrics
+from mnistlab.bn.monitor import Monitor
+from mnistlab.bn.precise import recalibrate
 from mnistlab.bn.stats import LayerStats, Moments, chan_merge, exact_stats, merge_across_ranks
+from mnistlab.bn.theory import folded_mean, init_weight, noise_factor
 from mnistlab.engine.models import bn_layers
 from mnistlab.engine.steps import Cadence
 
@@ -182,23 +186,21 @@ def test_merge_across_ranks_with_two_gloo_processes(tmp_path: Path) -> None:
 
 
 def test_theory_formulas() -> None:
-    assert bnstats.init_weight(0.001, 2000) == pytest.approx(0.999**2000)
-    assert bnstats.init_weight(0.001, 2000) == pytest.approx(0.1352, abs=1e-4)
-    assert bnstats.init_weight(None, 0) == 1.0 and bnstats.init_weight(None, 5) == 0.0
-    assert bnstats.noise_factor(0.1, 10**6) == pytest.approx(0.1 / 1.9)
-    assert bnstats.noise_factor(1.0, 7) == pytest.approx(1.0)  # only the last batch counts
-    assert bnstats.noise_factor(None, 50) == pytest.approx(1 / 50)
+    assert init_weight(0.001, 2000) == pytest.approx(0.999**2000)
+    assert init_weight(0.001, 2000) == pytest.approx(0.1352, abs=1e-4)
+    assert init_weight(None, 0) == 1.0 and init_weight(None, 5) == 0.0
+    assert noise_factor(0.1, 10**6) == pytest.approx(0.1 / 1.9)
+    assert noise_factor(1.0, 7) == pytest.approx(1.0)  # only the last batch counts
+    assert noise_factor(None, 50) == pytest.approx(1 / 50)
     # sum of squared EMA weights, computed directly
     m, t = 0.2, 9
-    assert bnstats.noise_factor(m, t) == pytest.approx(
-        sum((m * (1 - m) ** k) ** 2 for k in range(t))
-    )
+    assert noise_factor(m, t) == pytest.approx(sum((m * (1 - m) ** k) ** 2 for k in range(t)))
     mu, sd = torch.tensor([0.0, 1.0, -2.0, 3.0]), torch.tensor([1.0, 0.5, 0.0, 2.0])
     samples = torch.randn(
         400_000, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64
     )
     mc = (samples * sd + mu).abs().mean(0)
-    assert torch.allclose(bnstats.folded_mean(mu, sd), mc, rtol=5e-3)
+    assert torch.allclose(folded_mean(mu, sd), mc, rtol=5e-3)
 
 
 def _frozen_ema_run(
@@ -221,9 +223,7 @@ def _frozen_ema_run(
     with torch.no_grad():
         for _ in range(t):
             model(x[torch.randperm(n, generator=g)[:b]])
-    mon = bnstats.Monitor(
-        model, x, batch_size=b, cadence=Cadence.of(t), probe_samples=probe, seed=seed
-    )
+    mon = Monitor(model, x, batch_size=b, cadence=Cadence.of(t), probe_samples=probe, seed=seed)
     return mon.measure()
 
 
@@ -274,10 +274,10 @@ def _trained(momentum: float | None = 0.1) -> tuple[nn.Sequential, torch.Tensor,
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_recalibration_closes_every_gap(momentum: float | None) -> None:
     model, x, _ = _trained(momentum)
-    before = bnstats.gap_metrics(model, exact_stats(model, x, batch_size=32))
+    before = gap_metrics(model, exact_stats(model, x, batch_size=32))
     assert max(v["mean_gap_mean"] for v in before.values()) > 1e-2
-    bnstats.recalibrate(model, x, batch_size=32, chunk_size=100)
-    after = bnstats.gap_metrics(model, exact_stats(model, x, batch_size=32))
+    recalibrate(model, x, batch_size=32, chunk_size=100)
+    after = gap_metrics(model, exact_stats(model, x, batch_size=32))
     for v in after.values():
         assert v["mean_gap_max"] < 1e-5
         assert v["logvar_ratio_max"] < 1e-5
@@ -294,7 +294,7 @@ def test_monitor_finish_recalibrates_and_reports_accuracy_before_and_after() -> 
         model.train()
         return out
 
-    mon = bnstats.Monitor(model, x, batch_size=32, cadence=Cadence.of(12, bn=4))
+    mon = Monitor(model, x, batch_size=32, cadence=Cadence.of(12, bn=4))
     row, part = mon.finish(
         micro_batches=12, optimizer_steps=12, recalibrate_stats=True, evaluate=acc
     )
@@ -311,9 +311,7 @@ def test_monitor_finish_recalibrates_and_reports_accuracy_before_and_after() -> 
 
 def test_monitor_cadence_and_no_side_effects() -> None:
     model, x, _ = _trained()
-    mon = bnstats.Monitor(
-        model, x, batch_size=32, cadence=Cadence.of(50), probe_samples=100, seed=3
-    )
+    mon = Monitor(model, x, batch_size=32, cadence=Cadence.of(50), probe_samples=100, seed=3)
     assert mon.cadence.bn_every == 2  # about 20 points: 50 // 20
     buffers = {k: v.clone() for k, v in model.state_dict().items()}
     rng = torch.get_rng_state()
@@ -321,7 +319,7 @@ def test_monitor_cadence_and_no_side_effects() -> None:
     assert mon.on_step(3) is None
     row = mon.on_step(4)
     assert row is not None and mon.on_step(50) is not None  # cadence, and always the last step
-    assert set(row) >= {f"bn/1/{k}" for k in bnstats.GAP_KEYS} | {"bn/gap_mean", "bn/gap_max"}
+    assert set(row) >= {f"bn/1/{k}" for k in GAP_KEYS} | {"bn/gap_mean", "bn/gap_max"}
     assert row["bn/5/num_batches_tracked"] == 12
     assert model.training
     assert torch.equal(torch.get_rng_state(), rng)
@@ -329,15 +327,13 @@ def test_monitor_cadence_and_no_side_effects() -> None:
         assert torch.equal(v, buffers[k]), k
     assert len(mon.index["final"]) == len(mon.index["periodic"]) == 100 and mon.seconds > 0
     # one seed, one probe: the rows repeat exactly
-    again = bnstats.Monitor(
-        model, x, batch_size=32, cadence=Cadence.of(50), probe_samples=100, seed=3
-    )
+    again = Monitor(model, x, batch_size=32, cadence=Cadence.of(50), probe_samples=100, seed=3)
     assert again.on_step(4) == row
 
 
 def test_monitor_without_bn_layers_is_silent() -> None:
     model = nn.Sequential(nn.Flatten(), nn.Linear(36, 3))
-    mon = bnstats.Monitor(model, _data(), batch_size=8, cadence=Cadence.of(10))
+    mon = Monitor(model, _data(), batch_size=8, cadence=Cadence.of(10))
     assert mon.on_step(10) is None
     assert mon.finish(10, 10) == ({}, {})
 
@@ -453,9 +449,9 @@ def test_recalibrate_and_grad_accum_end_to_end(tmp_path: Path) -> None:
 def test_default_probe_is_a_subset_periodically_and_the_whole_set_at_the_end(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(bnstats, "PERIODIC_PROBE", 150)
+    monkeypatch.setattr(bn_monitor, "PERIODIC_PROBE", 150)
     model, x, _ = _trained()
-    mon = bnstats.Monitor(model, x, batch_size=32, cadence=Cadence.of(40, bn=10))
+    mon = Monitor(model, x, batch_size=32, cadence=Cadence.of(40, bn=10))
     assert mon.sizes == {"periodic": 150, "final": 400}
     assert torch.equal(mon.index["periodic"], mon.index["final"][:150])  # nested
     assert mon.probe_noise("final") == 0.0
@@ -463,7 +459,7 @@ def test_default_probe_is_a_subset_periodically_and_the_whole_set_at_the_end(
     periodic, final = mon.on_step(10), mon.on_step(40)
     assert periodic is not None and final is not None
     assert mon.last_step == 40  # finish() reuses the whole-set measurement
-    exact = bnstats.gap_metrics(model, exact_stats(model, x, batch_size=32))
+    exact = gap_metrics(model, exact_stats(model, x, batch_size=32))
     assert final["bn/5/mean_gap_mean"] == pytest.approx(exact["5"]["mean_gap_mean"], rel=1e-6)
     # the prediction at a periodic point includes the probe's sampling error
     assert periodic["bn/5/pred_mean_gap_noise"] > final["bn/5/pred_mean_gap_noise"]

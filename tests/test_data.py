@@ -131,7 +131,9 @@ def test_digits_fall_back_to_the_public_loader(monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_default_run_does_not_import_scikit_learn() -> None:
-    code = "import sys; from mnistlab.engine import data; from mnistlab.config import DatasetConfig\n"
+    code = (
+        "import sys; from mnistlab.engine import data; from mnistlab.config import DatasetConfig\n"
+    )
     code += "data.load(DatasetConfig()); print(sorted(sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "mnistlab.engine.data" in out.stdout and "sklearn" not in out.stdout

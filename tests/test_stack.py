@@ -773,7 +773,7 @@ def test_stacked_evaluation_equals_each_copys_own(name: str) -> None:
 def test_a_stacked_bn_pass_gives_each_copy_its_exact_statistics(name: str) -> None:
     """The tap on the stack's eval-mode BatchNorm hands each copy's BN inputs, as the copy
     alone sees them, to its own accumulators: each copy's statistics equal
-    ``bnstats.exact_stats`` of the copy alone, each over its own samples."""
+    ``mnistlab.bn.stats.exact_stats`` of the copy alone, each over its own samples."""
     from mnistlab.bn.stats import Accumulators, exact_stats
     from mnistlab.engine.models import bn_layers
 

@@ -75,17 +75,16 @@ def run_config(saved: Mapping[str, Any], overrides: Sequence[str], ckpt: Path) -
 
 def evaluate_checkpoint(cfg: DictConfig, state: Mapping[str, Any], ckpt: Path) -> dict[str, Any]:
     """Rebuild the run's data and model, load the checkpoint, measure: the report's body."""
-    import torch
 
     from mnistlab.app import job
-    from mnistlab.bn import stats as bnstats
+    from mnistlab.bn.monitor import Monitor
     from mnistlab.engine import models
     from mnistlab.engine.loop import evaluate
     from mnistlab.engine.steps import Cadence, StepCounter
-    from mnistlab.processes.threads import resolve_threads
+    from mnistlab.processes.threads import use_threads
 
     t = cfg.trainer
-    torch.set_num_threads(resolve_threads(t.num_threads))
+    use_threads(t.num_threads)
     ds, model = job.data_and_model(cfg, job.select_device(t.accelerator))
     checkpoint.load_weights(state, model, ckpt)
 
@@ -100,7 +99,7 @@ def evaluate_checkpoint(cfg: DictConfig, state: Mapping[str, Any], ckpt: Path) -
     }
     counter = StepCounter(**state["counter"])
     steps = max(1, counter.optimizer_steps)
-    monitor = bnstats.Monitor(
+    monitor = Monitor(
         model, ds.train.x, batch_size=t.batch_size, precision=t.precision, seed=t.seed,
         cadence=Cadence.of(steps, has_bn=bool(models.bn_layers(model))),
         probe_samples=cfg.bn_stats.probe_samples,

@@ -3,7 +3,7 @@
 Three steps, a screen each: :func:`setup` builds the components, each from its own config
 node (data → model → regularizer, optimizer → loop, with its callbacks and sinks);
 :func:`train` runs the loop and turns how it ended (completed, diverged, interrupted) into
-the summary; :func:`summarize` assembles a completed run's summary. Every rank of a
+the summary (its parts are :mod:`mnistlab.app.summary`'s). Every rank of a
 multi-process run runs the same job; only rank 0 writes.
 """
 
@@ -20,12 +20,14 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 
-from mnistlab.bn import stats as bnstats
+from mnistlab.app import summary
+from mnistlab.app.components import Job
+from mnistlab.bn.monitor import Monitor
 from mnistlab.core.errors import ConfigError, Diverged, Interrupted
 from mnistlab.engine import checkpoint, data, models, regularizers, schedules
 from mnistlab.engine.checkpoint import Checkpointer
 from mnistlab.engine.data import Split
-from mnistlab.engine.loop import Callback, Fit, Loop, LoopConfig, evaluate, position
+from mnistlab.engine.loop import Callback, Fit, Loop, LoopConfig
 from mnistlab.engine.optim import build_optimizer
 from mnistlab.engine.steps import Cadence, StepCounter, StepPlan
 from mnistlab.logger import sinks
@@ -33,24 +35,6 @@ from mnistlab.processes import distributed
 from mnistlab.processes.threads import ThreadGovernor
 
 log = logging.getLogger("mnistlab")
-
-
-@dataclass
-class Job:
-    """A run's components, built and (when resuming) restored, ready to train."""
-
-    cfg: DictConfig
-    out_dir: Path
-    world_size: int
-    plan: StepPlan
-    model: nn.Module  # the plain module: checkpoints, BN statistics, regularizers, names
-    loop: Loop  # trains through ``loop.model``: the model, wrapped in DDP and/or compiled
-    monitor: bnstats.Monitor
-    ckpt: Checkpointer
-    sinks: sinks.Sinks
-    counter: StepCounter  # where training starts: zero, or the checkpoint's
-    running: dict[str, Any] | None  # the checkpoint's train sums since its last row
-    resumed: dict[str, Any] | None  # the checkpoint resumed from
 
 
 def select_device(accelerator: str) -> torch.device:
@@ -93,7 +77,7 @@ def setup(cfg: DictConfig, out_dir: Path, rank: int = 0, world_size: int = 1) ->
     every = t.checkpoint_every_n_steps
     agree = distributed.any_rank if world_size > 1 else int  # ranks stop at one step
     ckpt = Checkpointer(out_dir, model, optimizer, config, every, rank, extra, agree, scheduler)
-    monitor = bnstats.Monitor(
+    monitor = Monitor(
         model, train.x, batch_size=t.batch_size, cadence=cadence, probe_samples=b.probe_samples,
         seed=t.seed, precision=t.precision, rank=rank, world_size=world_size,
         train_samples=plan.samples_seen,
@@ -202,8 +186,8 @@ def train(job: Job, started: float) -> dict[str, Any]:
 
     ``started`` is when this job's clock began (``perf_counter``): start-up is measured
     from it."""
-    summary, clock = begin(job, started)
-    return end(job, summary, clock, fit(job))
+    opened, clock = begin(job, started)
+    return end(job, opened, clock, fit(job))
 
 
 def fit(job: Job) -> Fit | BaseException:
@@ -219,144 +203,50 @@ def fit(job: Job) -> Fit | BaseException:
 def begin(job: Job, started: float) -> tuple[dict[str, Any], Clock]:
     """Just before the loop: the summary's opening, the random streams where the run left
     them (a fresh run: the step-0 checkpoint), the clock."""
-    summary: dict[str, Any] = {"status": "failed", "plan": job.plan.as_dict()}
-    summary.update(world_size=job.world_size, backend=distributed.current_backend())
     if job.resumed is not None:
-        summary["resumed_from_step"] = job.counter.optimizer_steps
         checkpoint.set_rng_state(job.resumed["rng"])  # last: building the model drew from it
     else:  # step 0: a diverged or killed run always has a checkpoint to go back to
         job.ckpt.save(StepCounter(), {"loss": 0.0, "correct": 0.0, "count": 0})
-    # train_s times the loop alone (Fit's span); set-up is in startup_s
-    summary["timings"] = {"startup_s": time.perf_counter() - started}
-    summary["num_threads"] = torch.get_num_threads()
-    return summary, Clock(started, job.counter.samples_seen)
+    return summary.opening(job, started), Clock(started, job.counter.samples_seen)
 
 
 def end(
-    job: Job, summary: dict[str, Any], clock: Clock, outcome: Fit | BaseException
+    job: Job, out: dict[str, Any], clock: Clock, outcome: Fit | BaseException
 ) -> dict[str, Any]:
     """How the loop ended (its :class:`Fit`, or what it raised) as the summary; the sinks
     close in every case. A bug's exception is raised again once they have."""
     try:
         if isinstance(outcome, BaseException):
             raise outcome
-        train_s = outcome.timings["end_at"] - outcome.timings["start_at"]
-        summarize(job, outcome, summary, train_s, clock.started, clock.samples)
+        summary.completed(job, outcome, out, clock.started, clock.samples)
     except Diverged as e:
-        summary.update(_diverged(job, e))
+        out.update(summary.diverged(job, e))
     except Interrupted as e:
-        resume = f"python -m mnistlab.train hydra.run.dir={job.out_dir} trainer.resume=true"
-        summary.update(status="interrupted", interrupted_at_step=e.step, signal=e.signum)
-        summary["error"] = f"{e}; checkpoint saved in {job.ckpt.path}; continue with: {resume}"
+        out.update(summary.interrupted(job, e))
     except BaseException as e:  # a bug, or a second Ctrl-C: the sinks still close, saying so
-        summary["error"] = f"{type(e).__name__}: {e}"
+        out["error"] = f"{type(e).__name__}: {e}"
         raise
     finally:
-        summary.setdefault("counted", job.counter.counted())  # diverged or interrupted: how far
-        summary["timings"]["wall_s"] = time.perf_counter() - clock.started
-        if job.cfg.report and summary["status"] == "completed" and distributed.is_rank_zero():
-            summary["timings"]["report_s"] = _report(job.out_dir, summary)
-        summary["timings"].update(job.sinks.finish(summary))  # W&B's own costs
-    return summary
+        out.setdefault("counted", job.counter.counted())  # diverged or interrupted: how far
+        out["timings"]["wall_s"] = time.perf_counter() - clock.started
+        if job.cfg.report and out["status"] == "completed" and distributed.is_rank_zero():
+            out["timings"]["report_s"] = _report(job.out_dir, out)
+        out["timings"].update(job.sinks.finish(out))  # W&B's own costs
+    return out
 
 
-def _report(out_dir: Path, summary: dict[str, Any]) -> float:
+def _report(out_dir: Path, out: dict[str, Any]) -> float:
     """``report=true``: the run's pictures, before W&B closes (so it can log them). A report
     that fails costs one warning line, never the run. Returns its seconds."""
     t0 = time.perf_counter()
     try:
         from mnistlab.results.reports import write_report
 
-        write_report(out_dir, summary)
+        write_report(out_dir, out)
     except Exception as e:
         log.warning("report not written (%s: %s); the run is fine: python -m mnistlab.report %s",
                     type(e).__name__, e, out_dir)  # fmt: skip
     return time.perf_counter() - t0
-
-
-def _diverged(job: Job, e: Diverged) -> dict[str, Any]:
-    """What diverged, and the way back: resume the last finite checkpoint at a lower rate."""
-    step, lr = job.ckpt.last_saved_step, job.cfg.optimizer.lr
-    advice = f"try a lower optimizer.lr (now {lr})"
-    if step is not None:
-        resume = f"python -m mnistlab.train hydra.run.dir={job.out_dir} trainer.resume=true"
-        advice += (
-            f"; resume the last checkpoint (step {step}) with: {resume} optimizer.lr={lr / 10:g}"
-        )
-    return {
-        "status": "diverged",
-        "diverged_at_step": e.step,
-        "last_checkpoint_step": step,
-        "error": f"error: {e}; {advice}",
-    }
-
-
-def summarize(
-    job: Job, fit: Fit, summary: dict[str, Any], train_s: float, started: float, start_samples: int
-) -> None:
-    """A completed loop's summary: final BN gaps and metrics, the accounting against the
-    plan (on every rank), timings. Collectives inside: every rank calls it."""
-    t, counter, net = job.cfg.trainer, fit.counter, job.loop.model
-
-    def test_metrics() -> dict[str, float]:
-        return evaluate(net, job.loop.test, t.eval_batch_size, t.precision)
-
-    bn_row, bn_part = job.monitor.finish(
-        counter.micro_batches,
-        counter.optimizer_steps,
-        job.cfg.bn_stats.recalibrate,
-        lambda: test_metrics()["acc"],
-    )
-    if bn_row:
-        job.sinks.log(position(counter, job.plan) | bn_row, kind="bn")
-    final_test = test_metrics()
-    final_train = evaluate(net, job.loop.train, t.eval_batch_size, t.precision)
-    val = job.loop.val
-    final_val = evaluate(net, val, t.eval_batch_size, t.precision) if val is not None else {}
-    summary.update(_accounting(job, counter))
-    summary["final"] = {
-        **{f"val/{k}": v for k, v in final_val.items()},
-        "test/loss": final_test["loss"],
-        "test/acc": final_test["acc"],
-        "train/loss": final_train["loss"],
-        "train/acc": final_train["acc"],
-        "train_test_gap": final_train["acc"] - final_test["acc"],
-        **job.loop.regularizer.metrics(),
-        **bn_part.pop("final", {}),
-    }
-    summary.update(bn_part)
-    first = fit.timings.get("first_step_at")
-    summary["timings"].update(
-        train_s=train_s,
-        eval_s=fit.timings["eval_s"],
-        first_step_s=first - started if first is not None else None,
-        first_step_unix=fit.timings.get("first_step_unix"),
-        bn_stats_s=job.monitor.seconds,
-        samples_per_s=(counter.samples_seen - start_samples) / train_s if train_s > 0 else None,
-    )
-
-
-def _accounting(job: Job, counter: StepCounter) -> dict[str, Any]:
-    """Counted against planned, on this rank and (a collective) on every rank."""
-    mismatches = counter.compare(job.plan)
-    counted = counter.counted()
-    out: dict[str, Any] = {
-        "status": "completed" if not mismatches else "failed",
-        "counted": counted,
-        "accounting_matches_plan": not mismatches,
-        "mismatches": {k: {"counted": c, "planned": p} for k, (c, p) in mismatches.items()},
-    }
-    if job.world_size > 1:  # every rank's counts and weights, seen on rank 0
-        ranks = distributed.rank_report(job.model, counted, job.cfg.model.sync_bn)
-        out["bn_running_stats_from"] = ranks["bn_running_stats_from"]
-        out["distributed"] = ranks
-        if any(c != counted for c in ranks["counted_per_rank"]):
-            mismatches["counted_per_rank"] = (ranks["counted_per_rank"], counted)
-            out["mismatches"]["counted_per_rank"] = ranks["counted_per_rank"]
-            out.update(status="failed", accounting_matches_plan=False)
-    if mismatches:
-        out["error"] = f"counted steps differ from the plan: {mismatches}"
-    return out
 
 
 def run(

@@ -25,13 +25,13 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
+from mnistlab.app import summary as summary_file
 from mnistlab.app.checks import check
 from mnistlab.config import hydra_error_line
 from mnistlab.core import signals
 from mnistlab.core.errors import USER_ERROR_EXIT, UserError, report, user_message
-from mnistlab.core.files import atomic_write_json
 from mnistlab.processes import distributed, lock
-from mnistlab.processes.threads import parallel_jobs, resolve_threads
+from mnistlab.processes.threads import parallel_jobs, use_threads
 
 log = logging.getLogger("mnistlab")
 # A process's clock starts when this module is imported: a single run's start-up includes
@@ -111,7 +111,7 @@ def _attempt(
         line, code = known or (f"{type(e).__name__}: {e}", 1)
         summary = {"status": "failed", "error": line}
     if launch is None or launch.rank == 0:  # only rank 0 writes (torchrun: every rank is here)
-        _write_summary(out_dir, summary, cfg, hc, started)
+        summary_file.write(out_dir, summary, cfg, hc, started)
     return summary, code, launch
 
 
@@ -120,12 +120,11 @@ def _stacked(
 ) -> Generator[Ready, Any, dict[str, Any]]:
     """A stacked job's training: set up, pause until its group has trained, then the summary
     from what the loop did."""
-    import torch
 
     from mnistlab.app import job
     from mnistlab.engine.checkpoint import Streams
 
-    torch.set_num_threads(resolve_threads(cfg.trainer.num_threads, 1, parallel_jobs(hc)))
+    use_threads(cfg.trainer.num_threads, parallel_jobs=parallel_jobs(hc))
     run = job.setup(cfg, out_dir)
     summary, clock = job.begin(run, started)
     ready = Ready(run, Streams.now(run.loop.train.x.device))
@@ -180,17 +179,16 @@ def _dispatch(
     launch: distributed.Launch, cfg: DictConfig, out_dir: Path, hc: Any, started: float
 ) -> dict[str, Any]:
     """Train in this process, in spawned ranks, or as one torchrun rank; rank 0's summary."""
-    threads = cfg.trainer.num_threads
+    wanted = cfg.trainer.num_threads
     if launch.mode == "torchrun":  # this process is one rank already: join, don't spawn
-        return distributed.join(_rank_job, launch, cfg, out_dir, started, num_threads=threads)
+        return distributed.join(_rank_job, launch, cfg, out_dir, started, num_threads=wanted)
     if launch.mode == "spawn":  # start the ranks here; rank 0's summary comes back
         resolved = OmegaConf.to_container(cfg, resolve=True)
-        return distributed.spawn(_spawned_rank, launch, resolved, out_dir, num_threads=threads)[0]
-    import torch
+        return distributed.spawn(_spawned_rank, launch, resolved, out_dir, num_threads=wanted)[0]
 
     from mnistlab.app import job
 
-    torch.set_num_threads(resolve_threads(threads, 1, parallel_jobs(hc)))
+    use_threads(cfg.trainer.num_threads, parallel_jobs=parallel_jobs(hc))
     return job.run(cfg, out_dir, started=started)
 
 
@@ -228,32 +226,6 @@ def _adopt_torchrun_shape(cfg: DictConfig, launch: distributed.Launch) -> None:
             t.num_nodes,
         )
     t.devices, t.num_nodes = launch.local_world_size, launch.num_nodes
-
-
-def _write_summary(
-    out_dir: Path, summary: dict[str, Any], cfg: DictConfig, hc: Any, started: float
-) -> None:
-    summary["overrides"] = list(hc.overrides.task)
-    summary.setdefault("launcher", launcher_name(hc.launcher))
-    summary.setdefault("timings", {}).setdefault("wall_s", time.perf_counter() - started)
-    try:
-        summary["config"] = OmegaConf.to_container(cfg, resolve=True)
-    except InterpolationResolutionError:  # the error being reported: keep the raw config
-        summary["config"] = OmegaConf.to_container(cfg, resolve=False)
-    try:
-        atomic_write_json(out_dir / "summary.json", summary)
-    except OSError as e:  # a full disk: say so, and still end as the run did
-        message = user_message(e)
-        if message is None:
-            raise
-        print(f"error: summary.json not written: {message}", file=sys.stderr, flush=True)
-
-
-def launcher_name(launcher: Any) -> str:
-    """The Hydra launcher that ran the job, by its class's name (``basic``, ``joblib``,
-    ``local`` and ``slurm`` for submitit, ``stacked``): how the job was trained."""
-    target = str(launcher.get("_target_", "")).rsplit(".", 1)[-1]
-    return target.removesuffix("Launcher").lower() or "basic"
 
 
 def _outcome(

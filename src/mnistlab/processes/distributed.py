@@ -42,7 +42,7 @@ from typing import Any
 from mnistlab.core import signals
 from mnistlab.core.errors import ConfigError, user_message
 from mnistlab.core.files import atomic_write_bytes
-from mnistlab.processes.threads import resolve_threads
+from mnistlab.processes.threads import resolve_threads, use_threads
 
 log = logging.getLogger("mnistlab")
 
@@ -479,9 +479,8 @@ def _first_error(results: Path, e: Exception, exit_codes: list[int | None]) -> W
 
 def join(target: Callable[..., Any], launch: Launch, *args: Any, num_threads: Any = "auto") -> Any:
     """Under torchrun: this process is one rank; set threads, join, run, leave."""
-    import torch
 
-    torch.set_num_threads(resolve_threads(num_threads, local_processes=launch.local_world_size))
+    use_threads(num_threads, local_processes=launch.local_world_size)
     init_group(launch)
     clean = False
     try:

@@ -39,6 +39,17 @@ def resolve_threads(value: Any, local_processes: int = 1, parallel_jobs: int = 1
     return threads
 
 
+def use_threads(value: Any, local_processes: int = 1, parallel_jobs: int = 1) -> int:
+    """Resolve ``trainer.num_threads`` (:func:`resolve_threads`) and give torch that many
+    threads: the one call every process that trains or evaluates makes when it starts (a
+    single run, a spawned or torchrun rank, a stacked group's jobs, ``eval``). Returns it."""
+    import torch
+
+    threads = resolve_threads(value, local_processes, parallel_jobs)
+    torch.set_num_threads(threads)
+    return threads
+
+
 def parallel_jobs(hydra_cfg: Any) -> int:
     """Sweep jobs running at once on this machine: the joblib launcher's ``n_jobs`` (negative
     counts back from the core count, as in joblib), else 1. Threads per job divide by it."""
