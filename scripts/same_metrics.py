@@ -26,18 +26,20 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-# The runs the house-rebuild issue names: the default job, gradient accumulation on a subset,
-# proximal L1, and two spawned gloo ranks.
+# The standard runs: the default job, gradient accumulation on a subset, proximal L1, two
+# spawned gloo ranks, and a 4-job stacked sweep (its jobs' metrics.jsonl, in job order).
 RUNS = {
     "default": [],
     "accum": ["trainer.grad_accum=3", "dataset.limit_train=1000"],
     "l1": ["regularizer=l1"],
     "ddp": ["trainer.devices=2"],
+    "stacked": ["-m", "hydra/launcher=stacked", "trainer.seed=0,1", "optimizer.lr=0.02,0.05"],
 }
 
 
-def run(tree: Path, out: Path, overrides: list[str]) -> Path:
-    """One training run of the code in ``tree``; returns its run folder."""
+def run(tree: Path, out: Path, overrides: list[str]) -> bytes:
+    """One training run (or, with ``-m``, one sweep) of the code in ``tree``; returns its
+    ``metrics.jsonl`` (a sweep's jobs' files one after another, in job order)."""
     env = dict(
         os.environ,
         PYTHONPATH=str(tree / "src"),  # the tree's own package, ahead of the editable install
@@ -45,7 +47,9 @@ def run(tree: Path, out: Path, overrides: list[str]) -> Path:
         WANDB_MODE="offline",
         WANDB_SILENT="true",
     )
-    cmd = [sys.executable, "-m", "mnistlab.train", f"hydra.run.dir={out}", "logger=none"]
+    sweep = "-m" in overrides
+    where = f"hydra.sweep.dir={out}" if sweep else f"hydra.run.dir={out}"
+    cmd = [sys.executable, "-m", "mnistlab.train", where, "logger=none"]
     # A fixed thread count: trainer.num_threads=auto follows the machine's load, and a thread
     # count changes float summation order. 2 is what auto picks on an idle 2-core machine.
     cmd += ["trainer.accelerator=cpu", "trainer.progress=none", "trainer.num_threads=2"]
@@ -53,7 +57,10 @@ def run(tree: Path, out: Path, overrides: list[str]) -> Path:
     p = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
     if p.returncode != 0:
         raise SystemExit(f"{tree}: {' '.join(overrides)} failed:\n{p.stderr[-3000:]}")
-    return out
+    if not sweep:
+        return (out / "metrics.jsonl").read_bytes()
+    jobs = sorted((d for d in out.iterdir() if d.name.isdigit()), key=lambda d: int(d.name))
+    return b"".join((d / "metrics.jsonl").read_bytes() for d in jobs)
 
 
 def first_difference(a: bytes, b: bytes) -> str:
@@ -80,9 +87,8 @@ def main(argv: list[str] | None = None) -> int:
             failed = 0
             for name in args.only:
                 overrides = [*RUNS[name], *args.extra]
-                before = run(base, Path(tmp) / f"{name}-base", overrides) / "metrics.jsonl"
-                after = run(REPO, Path(tmp) / f"{name}-here", overrides) / "metrics.jsonl"
-                a, b = before.read_bytes(), after.read_bytes()
+                a = run(base, Path(tmp) / f"{name}-base", overrides)
+                b = run(REPO, Path(tmp) / f"{name}-here", overrides)
                 same = a == b
                 failed += not same
                 rows = a.count(b"\n")

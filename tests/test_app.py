@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, read_jsonl, read_summary, run_app
+from support import ROOT, read_jsonl, read_summary, run_app
 
 FAST = ("trainer.epochs=2", "trainer.num_threads=1", "logger=none")
 

@@ -14,7 +14,7 @@ import pytest
 from mnistlab.config import DatasetConfig
 from mnistlab.engine import data
 
-from conftest import ROOT, run_app, write_mnist_layout
+from support import ROOT, assert_one_line_error, run_app, write_mnist_layout
 
 
 def corrupt(root: Path, how: str) -> Path:
@@ -55,17 +55,6 @@ def test_corrupt_idx_names_file_and_fault(tmp_path: Path, how: str, expected: st
 def test_idx_problem_accepts_good_files(mnist_root: Path) -> None:
     raw = mnist_root / "MNIST" / "raw"
     assert [data.idx_problem(p) for p in sorted(raw.iterdir())] == [None] * 4
-
-
-def assert_one_line_error(p: subprocess.CompletedProcess[str], *needles: str) -> str:
-    out = p.stdout + p.stderr
-    assert p.returncode == 2, out[-3000:]
-    assert "Traceback" not in out and "HYDRA_FULL_ERROR" not in out, out[-3000:]
-    lines = [ln for ln in out.splitlines() if "error:" in ln]
-    assert len(lines) == 1, out[-3000:]
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 # (overrides, what the one line must contain: the key, the value, what is allowed)

@@ -23,7 +23,7 @@ from mnistlab.bn.theory import folded_mean, init_weight, noise_factor
 from mnistlab.engine.models import bn_layers
 from mnistlab.engine.steps import Cadence
 
-from conftest import ROOT, png_size, read_jsonl, read_summary, run_app
+from support import ROOT, png_size, read_jsonl, read_summary, run_app
 
 
 def _model(momentum: float | None = 0.1) -> nn.Sequential:

@@ -24,9 +24,8 @@ from mnistlab.core.errors import ConfigError, Diverged
 from mnistlab.engine import checkpoint
 from mnistlab.engine.steps import StepCounter
 
-from conftest import ROOT, read_jsonl, read_summary, run_app
 from faults import KillAfterSave, KillAtMicroBatch, override
-from test_sweeps import leet
+from support import ROOT, leet, read_jsonl, read_summary, run_app
 
 # 200 samples (220 less a validation part of 20), batch 16: 13 micro-batches per epoch in
 # windows of 3,3,3,3,1 -> 5 steps per epoch, 15 in all. Checkpoints at step 0, every 2 steps

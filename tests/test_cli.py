@@ -17,7 +17,7 @@ from hydra import compose, initialize_config_dir
 
 from mnistlab.config import CONF_DIR, register, validate
 
-from conftest import ROOT, read_jsonl, read_summary, run_app
+from support import ROOT, read_jsonl, read_summary, run_app
 
 SCRIPTS = (
     "mnistlab-train",

@@ -23,8 +23,8 @@ from mnistlab.config import CONF_DIR, register
 from mnistlab.core.errors import ConfigError
 from mnistlab.processes import distributed
 
-from conftest import ROOT, read_jsonl, read_summary, run_app
 from faults import KillRankAt, RaiseAtStep, override
+from support import ROOT, read_jsonl, read_summary, run_app
 
 TINY = ("trainer.epochs=2", "trainer.num_threads=1", "trainer.progress=none")
 CPU_CORES = len(os.sched_getaffinity(0))

@@ -16,7 +16,7 @@ from mnistlab.engine import checkpoint, data, models
 from mnistlab.engine.steps import StepCounter
 from mnistlab.eval import main as eval_main
 
-from conftest import ROOT, read_summary, run_app
+from support import ROOT, read_summary, run_app
 
 
 def evaluate(*args: str) -> subprocess.CompletedProcess[str]:

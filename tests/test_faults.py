@@ -19,9 +19,15 @@ from mnistlab.config import DatasetConfig
 from mnistlab.core.errors import ConfigError
 from mnistlab.engine import checkpoint, data
 
-from conftest import ROOT, read_jsonl, read_summary, run_app, write_mnist_layout
 from faults import KillAfterSave, override
-from test_bad_input import assert_one_line_error
+from support import (
+    ROOT,
+    assert_one_line_error,
+    read_jsonl,
+    read_summary,
+    run_app,
+    write_mnist_layout,
+)
 
 # 200 samples (180 to train, 20 to validate), batch 16, windows of 3: 4 steps an epoch.
 TINY = (

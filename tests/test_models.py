@@ -13,7 +13,7 @@ from mnistlab.config import CONF_DIR, register
 from mnistlab.core.errors import ConfigError
 from mnistlab.engine import models
 
-from conftest import read_summary, run_app
+from support import read_summary, run_app
 
 
 def _lenet_cfg(*overrides: str):  # type: ignore[no-untyped-def]

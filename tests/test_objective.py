@@ -15,7 +15,7 @@ from mnistlab.engine import data
 from mnistlab.plan import CONF_DIR, plan_from_overrides
 from mnistlab.results import folders
 
-from conftest import read_jsonl, read_summary, run_app
+from support import read_jsonl, read_summary, run_app
 
 QUICK = ("trainer.epochs=2", "dataset.limit_train=500", "trainer.num_threads=1", "logger=none")
 

@@ -19,7 +19,7 @@ from mnistlab.app.job import run as run_job
 from mnistlab.config import CONF_DIR, register, validate
 from mnistlab.processes.threads import resolve_threads
 
-from conftest import ROOT, read_summary, run_app
+from support import ROOT, read_summary, run_app
 
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 

@@ -11,7 +11,7 @@ from torch import nn
 from mnistlab.config import ModelConfig, RegularizerConfig
 from mnistlab.engine import models, regularizers
 
-from conftest import read_jsonl, read_summary, run_app
+from support import read_jsonl, read_summary, run_app
 
 QUIET = ("trainer.num_threads=1", "logger=none", "trainer.progress=none")
 

@@ -17,7 +17,7 @@ from mnistlab.engine import loop
 from mnistlab.engine.steps import StepPlan
 from mnistlab.results import pictures, reports, series
 
-from conftest import ROOT, png_size, read_jsonl, read_summary, run_app
+from support import ROOT, png_size, read_jsonl, read_summary, run_app
 
 PLANS = [
     StepPlan(1437, 2, 32, 1, 1, False),  # the default: a short last micro-batch

@@ -25,8 +25,8 @@ from mnistlab.engine.regularizers import Regularizer
 from mnistlab.engine.steps import Cadence, StepPlan
 from mnistlab.plan import main as plan_main
 
-from conftest import read_jsonl, read_summary, run_app
 from faults import KillAfterSave, KillAtMicroBatch, override
+from support import read_jsonl, read_summary, run_app
 
 LR = 0.1
 

@@ -34,8 +34,8 @@ from mnistlab.sweeps.search import (
     search_space,
 )
 
-from conftest import read_summary, run_app
 from faults import KillInJob, RaiseInJob, override
+from support import read_summary, run_app
 
 FAST = ("trainer.epochs=1", "trainer.num_threads=1", "logger=none", "trainer.progress=none")
 JOB_NUM = "${hydra:job.num}"  # each job's own number, resolved inside the job

@@ -13,8 +13,7 @@ import torch
 
 from mnistlab.engine import checkpoint
 
-from conftest import read_jsonl, read_summary, run_app
-from test_sweeps import leet, no_credentials_env, wandb_run_dir
+from support import leet, no_credentials_env, read_jsonl, read_summary, run_app, wandb_run_dir
 
 # Small and fast: 1164 digits in the default split would do, 300 are enough; one row per step.
 SMALL = (

@@ -7,7 +7,6 @@ is read back with W&B's own reader of the run file, ``wandb leet inspect``.
 from __future__ import annotations
 
 import csv
-import json
 import os
 import subprocess
 import sys
@@ -31,48 +30,13 @@ from mnistlab.plan import plan_from_overrides
 from mnistlab.processes.threads import parallel_jobs
 from mnistlab.results import curves, folders
 
-from conftest import ROOT, read_jsonl, read_summary, run_app
-
-
-def no_credentials_env(tmp: Path) -> dict[str, str]:
-    """The jobs' environment: no W&B variables, an empty netrc, fresh W&B config folders."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    env.update(
-        PYTHONUNBUFFERED="1",
-        OMP_NUM_THREADS="1",
-        WANDB_SILENT="true",
-        NETRC=str(tmp / "netrc"),
-        WANDB_CONFIG_DIR=str(tmp / "wandb-config"),
-        WANDB_CACHE_DIR=str(tmp / "wandb-cache"),
-        WANDB_DATA_DIR=str(tmp / "wandb-data"),
-    )
-    return env
+from support import ROOT, leet, no_credentials_env, read_jsonl, read_summary, run_app, wandb_run_dir
 
 
 def sweep(
     sweep_dir: Path, *overrides: str, env: dict[str, str]
 ) -> subprocess.CompletedProcess[str]:
     return run_app(sweep_dir, *overrides, env=env, multirun=True, timeout=300)
-
-
-def wandb_run_dir(job: Path) -> Path:
-    (run,) = sorted((job / "wandb").glob("offline-run-*"))
-    assert list(run.glob("run-*.wandb")), f"no transaction log in {run}"
-    return run
-
-
-def leet(run: Path, *flags: str) -> Any:
-    """W&B's own reader: ``wandb leet inspect --json`` (records) or ``--summary --json``."""
-    out = subprocess.run(
-        [sys.executable, "-m", "wandb", "leet", "inspect", *flags, "--json", str(run)],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    ).stdout
-    if "--summary" in flags:
-        return json.loads(out)
-    return [json.loads(line) for line in out.splitlines() if line.strip()]
 
 
 @pytest.fixture(scope="module")

@@ -22,8 +22,7 @@ from mnistlab.config import CONF_DIR, register
 from mnistlab.logger import wandb_run
 from mnistlab.results import folders
 
-from conftest import read_jsonl, read_summary, run_app
-from test_sweeps import leet, no_credentials_env, wandb_run_dir
+from support import leet, no_credentials_env, read_jsonl, read_summary, run_app, wandb_run_dir
 
 
 def loud_env(tmp: Path) -> dict[str, str]:
