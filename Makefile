@@ -14,7 +14,8 @@ $(STAMP): pyproject.toml
 train: $(STAMP)  ## the main job on the bundled digits data
 	$(PY) -m mnistlab.train
 
-test: $(STAMP)  ## the whole suite, slow tests included
+test: $(STAMP)  ## the import contract (pyproject.toml), then the whole suite, slow tests included
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest
 
 test-fast: $(STAMP)
@@ -23,6 +24,7 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports --no-cache
 
 format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
