@@ -1,12 +1,15 @@
 """Hyper-parameter search with Optuna behind ``hydra/sweeper=optuna``, resumable.
 
 The study lives in the sweep folder (an Optuna journal file, ``optuna_journal.log``), so a
-search that was killed continues when the same command runs again with the same
-``hydra.sweep.dir``: finished trials stay as they are, a trial the killed search left running
-is marked failed and run again with the same parameters (once), and the search stops when
-``n_trials`` trials have finished in total. Each trial is one Hydra job whose folder is
-numbered by the trial number; a job that fails or returns NaN is a failed trial and the
-search goes on. At the end the best trial goes to ``optimization_results.yaml``.
+search that was stopped continues when the same command runs again with the same
+``hydra.sweep.dir`` (``trainer.resume=true`` may be added, as the stop message says): finished
+trials stay as they are; a trial the stopped search left running is marked failed and run
+again with the same parameters (once), in its own job folder, continuing from its checkpoint;
+the sampler is seeded anew from its seed and the trials already drawn, so it does not draw the
+same points again; and the search stops when ``n_trials`` trials have finished in total. Each
+trial is one Hydra job whose folder is numbered by the trial number; a job that fails or
+returns NaN is a failed trial and the search goes on. At the end the best trial goes to
+``optimization_results.yaml``, with the study's failed trials counted as the study holds them.
 
 The search space is written as Hydra's sweep syntax (``hydra.sweeper.params`` and the
 command line), read with Hydra's own override parser, as in Hydra's Optuna sweeper.
@@ -25,6 +28,7 @@ import optuna
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ChoiceSweep, Override, Transformer
 from hydra.core.utils import JobReturn
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from optuna.distributions import (
     BaseDistribution,
@@ -48,6 +52,9 @@ JOURNAL = "optuna_journal.log"
 RESULTS = "optimization_results.yaml"
 RETRY_OF = "retry_of"  # trial attribute: the number of the interrupted trial this one re-runs
 SEARCH = "search"  # study attribute: the search space and fixed overrides it was started with
+
+# Keys a resumed search may add or change: they say how to run the jobs, not what to search.
+LOCAL = ("trainer.resume",)
 
 Space = dict[str, BaseDistribution]
 Job = tuple[optuna.Trial, list[str]]  # a trial and its job's overrides
@@ -139,6 +146,7 @@ def run(sweeper: Any, opts: Options, arguments: Sequence[str]) -> list[Sequence[
     sweep_dir = Path(cfg.hydra.sweep.dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     study = open_study(opts, sweep_dir, cfg.hydra.job.name, space, fixed)
+    study.sampler = resumed_sampler(cfg, study, opts.sampler)
     requeue_interrupted(study)
     returns = []
     while (to_go := opts.n_trials - len(counted(study))) > 0:
@@ -162,7 +170,8 @@ def open_study(
         study = optuna.create_study(
             storage=storage, sampler=opts.sampler, study_name=name, direction=opts.direction
         )
-    search = {"space": {k: distribution_to_json(d) for k, d in space.items()}, "fixed": fixed}
+    kept = [f for f in fixed if f.split("=", 1)[0].lstrip("+~") not in LOCAL]
+    search = {"space": {k: distribution_to_json(d) for k, d in space.items()}, "fixed": kept}
     before = study.user_attrs.get(SEARCH)
     if before is None:
         study.set_user_attr(SEARCH, search)
@@ -197,6 +206,18 @@ def _changes(stored: dict[str, Any], now: dict[str, Any]) -> str:
     return ", ".join(keys + fixed)
 
 
+def resumed_sampler(cfg: DictConfig, study: optuna.Study, sampler: Any) -> Any:
+    """The sampler for a study that already holds trials: the configured one, seeded with its
+    seed plus the number of trials, so a resumed search neither repeats the points it drew
+    before the stop (a sampler restarted from its seed would) nor depends on chance. A new
+    study, or an unseeded sampler, keeps ``sampler``."""
+    node = OmegaConf.select(cfg, "hydra.sweeper.sampler")
+    drawn = len(study.trials)
+    if not drawn or node is None or node.get("seed") is None:
+        return sampler
+    return instantiate(node, seed=int(node.seed) + drawn)
+
+
 def requeue_interrupted(study: optuna.Study) -> None:
     """Trials a killed search left running: failed, and queued again with the same
     parameters. A trial that is itself a re-run is not queued a third time: it counts as
@@ -207,7 +228,7 @@ def requeue_interrupted(study: optuna.Study) -> None:
             log.warning("trial %d was interrupted again: it counts as failed", t.number)
             continue
         study.enqueue_trial(t.params, user_attrs={RETRY_OF: t.number})
-        log.warning("trial %d was interrupted: it runs again with %s", t.number, t.params)
+        log.warning("trial %d was interrupted: it continues in its folder", t.number)
 
 
 def counted(study: optuna.Study) -> list[FrozenTrial]:
@@ -220,11 +241,14 @@ def counted(study: optuna.Study) -> list[FrozenTrial]:
 def _run_batch(
     sweeper: Any, study: optuna.Study, trials: list[optuna.Trial], fixed: list[str]
 ) -> list[JobReturn]:
-    """Launch the trials that compose as one batch of jobs numbered by trial number; tell the
-    study each outcome. A job whose config cannot be composed is a failed trial."""
+    """Launch the trials that compose as one batch of jobs numbered by trial number (a re-run
+    by the number of the trial it re-runs: it resumes in that folder); tell the study each
+    outcome. A job whose config cannot be composed is a failed trial."""
     ready: list[Job] = []
     for trial in trials:
         overrides = overrides_of(trial.params, fixed)
+        if RETRY_OF in trial.user_attrs:
+            overrides.append("trainer.resume=true")
         trial.set_user_attr("overrides", overrides)
         try:
             sweeper.validate_batch_is_legal([overrides])
@@ -243,16 +267,21 @@ def _run_batch(
     return returns
 
 
+def job_number(trial: optuna.Trial | FrozenTrial) -> int:
+    """The job folder a trial runs in: its own number, or that of the trial it re-runs."""
+    return int(trial.user_attrs.get(RETRY_OF, trial.number))
+
+
 def _consecutive(ready: list[Job]) -> list[tuple[int, list[Job]]]:
-    """Runs of consecutive trial numbers: a launcher numbers a batch's jobs from its first
+    """Runs of consecutive job numbers: a launcher numbers a batch's jobs from its first
     (the trials of a batch are consecutive unless another process asks the same study)."""
     groups: list[tuple[int, list[Job]]] = []
     for item in ready:
         start, group = groups[-1] if groups else (None, [])
-        if start is not None and item[0].number == start + len(group):
+        if start is not None and job_number(item[0]) == start + len(group):
             group.append(item)
         else:
-            groups.append((item[0].number, [item]))
+            groups.append((job_number(item[0]), [item]))
     return groups
 
 
@@ -280,15 +309,21 @@ def _fail(study: optuna.Study, trial: optuna.Trial, reason: str) -> None:
 
 def write_results(study: optuna.Study, sweep_dir: Path, metric: str | None) -> None:
     """``optimization_results.yaml`` (the keys of Hydra's Optuna sweeper, and more): the best
-    trial, its value, parameters and job folder; how many trials completed and failed."""
+    trial, its value, parameters and job folder; how many trials completed and failed, and
+    which were interrupted and run again (the study holds those as failed too)."""
     done = counted(study)
     complete = [t for t in done if t.state == TrialState.COMPLETE]
+    rerun = sorted(int(t.user_attrs[RETRY_OF]) for t in study.trials if RETRY_OF in t.user_attrs)
     results: dict[str, Any] = {
         "name": "optuna",
         "study_name": study.study_name,
         "direction": study.direction.name.lower(),
         "metric": metric,
-        "trials": {"completed": len(complete), "failed": len(done) - len(complete)},
+        "trials": {
+            "completed": len(complete),
+            "failed": len(done) - len(complete),
+            "interrupted_and_rerun": rerun,
+        },
         "best_trial": None,
         "best_value": None,
         "best_params": None,
