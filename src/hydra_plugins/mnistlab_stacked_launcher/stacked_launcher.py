@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 class StackedLauncherConf:
     _target_: str = "hydra_plugins.mnistlab_stacked_launcher.stacked_launcher.StackedLauncher"
     # The most jobs trained as one computation: each holds its weights, gradients, optimizer
-    # state and activations in the group's tensors (README: Stacked sweeps).
+    # state and activations in the group's tensors (docs/guide.md: Stacked sweeps).
     max_group: int = 16
 
 

@@ -128,7 +128,7 @@ def plan_launch(
                 "trainer.num_nodes",
                 t.num_nodes,
                 "1 when mnistlab starts its own processes; for several machines start every "
-                "node with torchrun --nnodes=N (README: Several devices and machines)",
+                "node with torchrun --nnodes=N (docs/guide.md: Several devices and machines)",
             )
         mode = "spawn" if t.devices > 1 else "single"
         launch = Launch(mode, t.devices, t.devices, 1, device_type)
