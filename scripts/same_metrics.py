@@ -48,8 +48,9 @@ def run(tree: Path, out: Path, overrides: list[str]) -> bytes:
         WANDB_SILENT="true",
     )
     sweep = "-m" in overrides
-    where = f"hydra.sweep.dir={out}" if sweep else f"hydra.run.dir={out}"
-    cmd = [sys.executable, "-m", "mnistlab.train", where, "logger=none"]
+    where = ["-m", f"hydra.sweep.dir={out}"] if sweep else [f"hydra.run.dir={out}"]
+    overrides = [o for o in overrides if o != "-m"]  # Hydra's flag goes first
+    cmd = [sys.executable, "-m", "mnistlab.train", *where, "logger=none"]
     # A fixed thread count: trainer.num_threads=auto follows the machine's load, and a thread
     # count changes float summation order. 2 is what auto picks on an idle 2-core machine.
     cmd += ["trainer.accelerator=cpu", "trainer.progress=none", "trainer.num_threads=2"]

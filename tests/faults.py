@@ -107,3 +107,16 @@ class KillRankAt(Callback):
         me = dist.get_rank() if dist.is_initialized() else 0
         if me == self.rank and counter.micro_batches == self.at:
             _die()
+
+
+class SignalInJob(Callback):
+    """Send ``sig`` (a number; SIGTERM by default) to this process once, at micro-batch ``at``
+    of sweep job ``stop`` (``job`` as in :class:`KillInJob`): a stop that the run handles."""
+
+    def __init__(self, job: int, stop: int, at: int = 1, sig: int = int(signal.SIGTERM)) -> None:
+        self.armed, self.at, self.sig = job == stop, at, sig
+
+    def on_micro_batch(self, counter: StepCounter) -> None:
+        if self.armed and counter.micro_batches == self.at:
+            self.armed = False
+            os.kill(os.getpid(), self.sig)

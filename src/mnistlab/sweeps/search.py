@@ -44,6 +44,7 @@ from optuna.trial import FrozenTrial, TrialState
 from mnistlab.config import COUNT, DIRECTIONS, check_choice, check_number, compose_message
 from mnistlab.core.errors import ConfigError
 from mnistlab.core.files import atomic_write_bytes
+from mnistlab.engine.checkpoint import LOCAL
 from mnistlab.processes.threads import parallel_jobs
 
 log = logging.getLogger("mnistlab")
@@ -52,9 +53,6 @@ JOURNAL = "optuna_journal.log"
 RESULTS = "optimization_results.yaml"
 RETRY_OF = "retry_of"  # trial attribute: the number of the interrupted trial this one re-runs
 SEARCH = "search"  # study attribute: the search space and fixed overrides it was started with
-
-# Keys a resumed search may add or change: they say how to run the jobs, not what to search.
-LOCAL = ("trainer.resume",)
 
 Space = dict[str, BaseDistribution]
 Job = tuple[optuna.Trial, list[str]]  # a trial and its job's overrides
@@ -170,7 +168,7 @@ def open_study(
         study = optuna.create_study(
             storage=storage, sampler=opts.sampler, study_name=name, direction=opts.direction
         )
-    kept = [f for f in fixed if f.split("=", 1)[0].lstrip("+~") not in LOCAL]
+    kept = [f for f in fixed if not is_local(f.split("=", 1)[0].lstrip("+~"))]
     search = {"space": {k: distribution_to_json(d) for k, d in space.items()}, "fixed": kept}
     before = study.user_attrs.get(SEARCH)
     if before is None:
@@ -196,6 +194,12 @@ def open_study(
         opts.n_trials,
     )
     return study
+
+
+def is_local(key: str) -> bool:
+    """A key a resumed search may add, drop or change (``trainer.resume``, the progress bar,
+    extra callbacks): it says how this process runs the jobs, not what is searched."""
+    return any(key == k or key.startswith(k + ".") for k in LOCAL)
 
 
 def _changes(stored: dict[str, Any], now: dict[str, Any]) -> str:
