@@ -38,11 +38,20 @@ class DatasetConfig:
     # Carved from the training split (after limit_train): a count (int >= 1) or a fraction
     # (float in (0, 1)); 0 or null: no validation split. Any: OmegaConf has no int | float.
     val_size: Any = 0.1
+    # Your own data (a dotted path to a function) and its keyword arguments instead of a named
+    # dataset: it returns (train images, train labels, test images, test labels) as tensors;
+    # dataset.name is then only its label
+    _target_: str | None = None
+    args: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class ModelConfig:
     name: str = "mlp"
+    # Your own nn.Module (a dotted path) and its keyword arguments instead of a family:
+    # model._target_=pkg.Module +model.args.width=64 (name, hidden, channels, bn: unused then)
+    _target_: str | None = None
+    args: dict[str, Any] = field(default_factory=dict)
     hidden: list[int] = field(default_factory=lambda: [128, 64])
     channels: list[int] = field(default_factory=lambda: [16, 32])
     bn: bool = True

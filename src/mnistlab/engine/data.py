@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
+import json
 import math
 import re
 import struct
@@ -24,6 +25,7 @@ import torch
 from torch import Tensor
 
 from mnistlab.core.errors import ConfigError, UserError
+from mnistlab.core.imports import locate
 
 
 class DataError(UserError):
@@ -247,13 +249,12 @@ def _idx_count(path: Path) -> int | None:
     return int.from_bytes(path.read_bytes()[4:8], "big")
 
 
-def _check_content(name: str, root: str, arrays: tuple[Tensor, ...]) -> None:
+def _check_content(where: str, num_classes: int, arrays: tuple[Tensor, ...]) -> None:
     """What a dataset's files held that no format check vouches for: both splits there, the
     labels within the dataset's classes, one image size."""
     x_tr, y_tr, x_te, y_te = arrays
-    where = f"dataset.root={root!r}" if name != "digits" else f"dataset.name={name!r}"
     for split, (x, y) in (("train", (x_tr, y_tr)), ("test", (x_te, y_te))):
-        _check_split(x, y, NUM_CLASSES[name], f"{where}: the {split} split")
+        _check_split(x, y, num_classes, f"{where}: the {split} split")
     if x_tr.shape[1:] != x_te.shape[1:]:
         sizes = " vs ".join("x".join(map(str, x.shape[2:])) for x in (x_tr, x_te))
         raise DataError(f"{where}: train and test images differ in size ({sizes})")
@@ -312,13 +313,38 @@ SHAPES: dict[str, tuple[tuple[int, int, int], int]] = {
 
 
 @functools.lru_cache(maxsize=4)
-def _load_full(name: str, root: str, download: bool) -> Data:
-    x_tr, y_tr, x_te, y_te = DATASETS[name](root, download)
-    _check_content(name, root, (x_tr, y_tr, x_te, y_te))
+def _load_full(name: str, root: str, download: bool, target: str | None, args: str) -> Data:
+    """A named dataset's splits, or those your ``dataset._target_`` returns (``args``: its
+    keyword arguments as JSON, hashable for the cache)."""
+    if target:
+        x_tr, y_tr, x_te, y_te = _own_arrays(target, json.loads(args))
+        num_classes, where = int(max(y_tr.max(), y_te.max())) + 1, f"dataset._target_={target!r}"
+    else:
+        x_tr, y_tr, x_te, y_te = DATASETS[name](root, download)
+        num_classes = NUM_CLASSES[name]
+        where = f"dataset.root={root!r}" if name != "digits" else f"dataset.name={name!r}"
+    _check_content(where, num_classes, (x_tr, y_tr, x_te, y_te))
     # Statistics of the whole training split, validation part included: two scalars, so the
     # split changes no sample's values and ``val_size=0`` trains on exactly the same inputs.
     x_tr, x_te, mean, std = _normalize(x_tr, x_te)
-    return Data(name, Split(x_tr, y_tr), Split(x_te, y_te), NUM_CLASSES[name], mean, std)
+    return Data(name, Split(x_tr, y_tr), Split(x_te, y_te), num_classes, mean, std)
+
+
+def _own_arrays(target: str, args: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``dataset._target_(**dataset.args)``: four tensors (or arrays), train images and
+    labels then test images and labels; images ``[N, H, W]`` or ``[N, C, H, W]``, labels
+    ``0..K-1``. Images become float32 ``[N, C, H, W]``, labels int64."""
+    key = "dataset._target_"
+    out = locate(target, key)(**args)
+    allowed = "a function returning (train images, train labels, test images, test labels)"
+    if not isinstance(out, (tuple, list)) or len(out) != 4:
+        raise ConfigError(key, target, f"{allowed}; it returned a {type(out).__name__}")
+    x_tr, y_tr, x_te, y_te = (torch.as_tensor(np.asarray(a)) for a in out)
+    for x in (x_tr, x_te):
+        if x.ndim not in (3, 4):
+            raise ConfigError(key, target, f"{allowed}, images [N, H, W] or [N, C, H, W]")
+    images = [x.unsqueeze(1) if x.ndim == 3 else x for x in (x_tr, x_te)]
+    return images[0].float(), y_tr.long(), images[1].float(), y_te.long()
 
 
 def _check_limit(limit: int | None, size: int, key: str, name: str) -> int:
@@ -367,7 +393,9 @@ def val_count(val_size: Any, n: int, num_classes: int) -> int:
 def train_size(cfg: Any) -> int:
     """The samples a ``dataset`` config node trains on (the plan's N: the training split after
     ``limit_train``, less the validation part), without reading any data (for ``python -m
-    mnistlab.plan``): the same checks as :func:`load`."""
+    mnistlab.plan``; your own ``dataset._target_`` is read): the same checks as :func:`load`."""
+    if getattr(cfg, "_target_", None):
+        return len(load(cfg).train)
     _known(cfg.name)
     n = _check_limit(cfg.limit_train, TRAIN_SIZES[cfg.name], "dataset.limit_train", cfg.name)
     return n - val_count(cfg.val_size, n, NUM_CLASSES[cfg.name])
@@ -387,18 +415,24 @@ def _carve_val(split: Split, val_size: Any, num_classes: int) -> tuple[Split, Sp
 def load(cfg: Any) -> Data:
     """The ``dataset`` config node's data as normalized in-memory tensors: seeded subsets if
     asked, then the validation part carved from the training split."""
-    _known(cfg.name)
-    return _load(cfg.name, str(cfg.root), bool(cfg.download), cfg.limit_train, cfg.limit_test,
-                 cfg.val_size)  # fmt: skip
+    target = getattr(cfg, "_target_", None) or None
+    if target is None:
+        _known(cfg.name)
+    own = getattr(cfg, "args", None) or {}
+    args = json.dumps({k: own[k] for k in own}, sort_keys=True, default=str)
+    source = (cfg.name, str(cfg.root), bool(cfg.download), target, args)
+    return _load(source, cfg.limit_train, cfg.limit_test, cfg.val_size)
 
 
 @functools.lru_cache(maxsize=4)
 def _load(
-    name: str, root: str, download: bool, limit_train: int | None, limit_test: int | None,
-    val_size: float | int | None,
+    source: tuple[str, str, bool, str | None, str], limit_train: int | None,
+    limit_test: int | None, val_size: float | int | None,
 ) -> Data:  # fmt: skip
-    """Cached: the jobs of a sweep in one process (a stacked group at once) share one copy."""
-    full = _load_full(name, root, download)
+    """Cached: the jobs of a sweep in one process (a stacked group at once) share one copy.
+    ``source``: :func:`_load_full`'s arguments."""
+    full = _load_full(*source)
+    name = full.name
     train = _subset(full.train, limit_train, "dataset.limit_train", name)
     train, val = _carve_val(train, val_size, full.num_classes)
     test = _subset(full.test, limit_test, "dataset.limit_test", name)

@@ -2,6 +2,8 @@
 
 Each family is one builder in :data:`MODELS` (plus one ``conf/model/<name>.yaml``): a
 function of the ``model`` config node, the image shape, the class count and the dropout rate.
+``model._target_`` names your own ``nn.Module`` instead (``model.args`` are its keyword
+arguments): its BatchNorm layers are found and measured like the families'.
 
 BatchNorm's ``momentum`` goes to PyTorch untouched: it is the weight of the *new* batch
 (``running = (1 - m) * running + m * batch``); ``None`` makes it a cumulative average.
@@ -19,6 +21,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from mnistlab.core.errors import ConfigError
+from mnistlab.core.imports import locate
 
 Shape = tuple[int, int, int]  # (channels, height, width)
 
@@ -105,7 +108,11 @@ MODELS: dict[str, Family] = {
 
 
 def check(cfg: Any) -> None:
-    """Refuse an unknown family or a shape it can't build, before any work."""
+    """Refuse an unknown family, a shape it can't build, or a ``_target_`` that cannot be
+    imported, before any work."""
+    if getattr(cfg, "_target_", None):
+        locate(cfg._target_, "model._target_")
+        return
     if cfg.name not in MODELS:
         raise ConfigError("model.name", cfg.name, "one of " + ", ".join(MODELS))
     if MODELS[cfg.name].check is not None:
@@ -114,14 +121,46 @@ def check(cfg: Any) -> None:
 
 def smallest_batch(cfg: Any) -> int:
     """The fewest samples a training micro-batch may hold: BatchNorm normalizes each channel
-    over the batch, and one sample has no spread (BatchNorm1d refuses it in training)."""
-    return 2 if cfg.bn else 1
+    over the batch, and one sample has no spread (BatchNorm1d refuses it in training). Your own
+    module may hold BatchNorm layers: 2, as if it did."""
+    return 2 if cfg.bn or getattr(cfg, "_target_", None) else 1
 
 
 def build(cfg: Any, in_shape: Shape, num_classes: int, dropout: float) -> nn.Module:
     """The ``model`` config node's network for images of ``in_shape``."""
     check(cfg)
+    if getattr(cfg, "_target_", None):
+        return _own(cfg, in_shape, num_classes, dropout)
     return MODELS[cfg.name].build(cfg, in_shape, num_classes, dropout)
+
+
+def _own(cfg: Any, in_shape: Shape, num_classes: int, dropout: float) -> nn.Module:
+    """``model._target_(**model.args)``, checked with one forward pass in eval mode (no
+    running statistic moves) on two blank images: an ``nn.Module`` mapping
+    ``[B, C, H, W]`` images to ``[B, num_classes]`` logits, as the loop and the BN
+    measurement need. Dropout is the module's own business."""
+    key, target = "model._target_", cfg._target_
+    if dropout > 0:
+        allowed = "0 with model._target_ (put dropout layers in your module)"
+        raise ConfigError("regularizer.dropout", dropout, allowed)
+    net = locate(target, key)(**dict(getattr(cfg, "args", None) or {}))
+    if not isinstance(net, nn.Module):
+        raise ConfigError(key, target, f"an nn.Module class; it made a {type(net).__name__}")
+    wanted = (
+        f"an nn.Module mapping [B, {', '.join(map(str, in_shape))}] images to [B, {num_classes}]"
+    )
+    was = net.training
+    try:
+        with torch.no_grad():
+            out = net.eval()(torch.zeros(2, *in_shape))
+    except Exception as e:
+        raise ConfigError(key, target, f"{wanted}; its forward failed: {e}") from None
+    finally:
+        net.train(was)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ConfigError(key, target, f"{wanted}; it gave {got}")
+    return net
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -93,8 +93,8 @@ def _steps(run: Run) -> Any:
 
 def _weights(run: Run) -> series.Histogram | None:
     ckpt = run.path / "checkpoints" / "last.pt"
-    if not ckpt.is_file():
-        return None
+    if not ckpt.is_file() or run.config.get("dataset", {}).get("_target_"):
+        return None  # your own data: its image shape is not known without reading it
     try:
         return series.weight_histogram(series.regularized_weights(ckpt))
     except Exception as e:  # a truncated file or a model that no longer matches its config
