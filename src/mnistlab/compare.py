@@ -17,7 +17,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from mnistlab.core.errors import report
+from mnistlab.core.errors import quiet_on_closed_pipe, report
 from mnistlab.core.files import atomic_write_bytes
 from mnistlab.results.curves import plot
 from mnistlab.results.folders import (
@@ -36,6 +36,7 @@ log = logging.getLogger("mnistlab")
 # --- the command line ---------------------------------------------------------------------------
 
 
+@quiet_on_closed_pipe
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m mnistlab.compare",

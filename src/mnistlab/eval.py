@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mnistlab.app.evaluation import USAGE_HINT, evaluate_run
-from mnistlab.core.errors import report, user_message
+from mnistlab.core.errors import quiet_on_closed_pipe, report, user_message
 from mnistlab.core.files import atomic_write_json
 
 
@@ -32,6 +32,7 @@ def render(result: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+@quiet_on_closed_pipe
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m mnistlab.eval",

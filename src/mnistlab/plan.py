@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_dir
 
 from mnistlab.app.checks import check
 from mnistlab.config import CONF_DIR, compose_message, register
-from mnistlab.core.errors import report
+from mnistlab.core.errors import quiet_on_closed_pipe, report
 from mnistlab.engine.data import train_size
 from mnistlab.engine.models import smallest_batch
 from mnistlab.engine.schedules import check as check_schedule
@@ -34,6 +34,7 @@ def plan_from_overrides(overrides: list[str]) -> tuple[StepPlan, int]:
     return plan, t.num_nodes
 
 
+@quiet_on_closed_pipe
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     as_json = "--json" in args

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from mnistlab.core.errors import report
+from mnistlab.core.errors import quiet_on_closed_pipe, report
 from mnistlab.results.folders import find_runs
 from mnistlab.results.reports import (
     REPORT,
@@ -69,6 +69,7 @@ def _table(args: argparse.Namespace, argv: Sequence[str]) -> None:
         print(text)
 
 
+@quiet_on_closed_pipe
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)

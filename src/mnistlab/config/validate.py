@@ -210,14 +210,36 @@ def validate(cfg: Any) -> None:
     for key, allowed in CHOICES.items():
         for name, value in _values(cfg, key):
             check_choice(name, value, allowed)
-    r, lr = cfg.regularizer, cfg.optimizer.lr
-    if r.l2_mode == "decoupled" and lr * r.l2 >= 1:  # each step multiplies w by 1 - lr * l2
-        raise ConfigError("regularizer.l2", r.l2, f"< 1/optimizer.lr = {1 / lr:g} when decoupled")
-    _check_scheduler(cfg.scheduler, lr)
+    _check_optimizer(cfg.optimizer)
+    _check_strengths(cfg.regularizer, cfg.optimizer)
+    _check_scheduler(cfg.scheduler, cfg.optimizer.lr)
     _check_val_size(cfg.dataset.val_size)
     _check_objective(cfg)
     _check_wandb_project(cfg.logger.wandb.project)
     check_known_keys(cfg)
+
+
+def _check_optimizer(o: Any) -> None:
+    """Combinations torch refuses only when the optimizer is built, or silently misreads."""
+    if len(o.betas) != 2:
+        raise ConfigError("optimizer.betas", list(o.betas), "exactly two numbers, [beta1, beta2]")
+    if o.name == "sgd" and o.nesterov and o.momentum <= 0:
+        allowed = "true only with optimizer.momentum > 0 (Nesterov momentum needs momentum)"
+        raise ConfigError("optimizer.nesterov", True, allowed)
+
+
+def _check_strengths(r: Any, o: Any) -> None:
+    """A strength whose first step scales every weight by ``1 - lr * l2`` <= 0 (L2) or moves it
+    by ``lr * l1`` >= 1 toward 0 (L1: more than any initial weight of a default-initialized
+    layer, ``1/sqrt(fan_in)``) wipes the model out at once. Refused where the step is that
+    (decoupled L2, proximal L1, or a penalty's gradient under plain SGD; Adam rescales it)."""
+    sgd, bound = o.name == "sgd", f"< 1/optimizer.lr = {1 / o.lr:g}"
+    if r.l2 > 0 and o.lr * r.l2 >= 1 and (r.l2_mode == "decoupled" or sgd):
+        why = f"{bound} ({r.l2_mode}: each step scales every weight by 1 - optimizer.lr * l2)"
+        raise ConfigError("regularizer.l2", r.l2, why)
+    if r.l1 > 0 and o.lr * r.l1 >= 1 and (r.l1_mode == "proximal" or sgd):
+        why = f"{bound} ({r.l1_mode}: each step moves every weight by optimizer.lr * l1 toward 0)"
+        raise ConfigError("regularizer.l1", r.l1, why)
 
 
 def _check_wandb_project(project: Any) -> None:

@@ -10,8 +10,11 @@
 from __future__ import annotations
 
 import errno
+import functools
+import os
 import signal
 import sys
+from collections.abc import Callable
 from typing import Any
 
 USER_ERROR_EXIT = 2  # the exit code of every command after a UserError
@@ -80,3 +83,20 @@ def report(message: str) -> int:
     """Print a user's error as its one ``error:`` line; return the exit code that goes with it."""
     print(f"error: {message}", file=sys.stderr, flush=True)
     return USER_ERROR_EXIT
+
+
+def quiet_on_closed_pipe(main: Callable[..., int]) -> Callable[..., int]:
+    """A command's ``main`` that ends quietly when its reader goes away (``compare ... | head``):
+    the rest of its output goes nowhere, and no BrokenPipeError traceback is printed."""
+
+    @functools.wraps(main)
+    def wrapped(*args: Any, **kwargs: Any) -> int:
+        try:
+            code = main(*args, **kwargs)
+            sys.stdout.flush()
+            return code
+        except BrokenPipeError:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
+
+    return wrapped

@@ -127,40 +127,43 @@ def smallest_batch(cfg: Any) -> int:
 
 
 def build(cfg: Any, in_shape: Shape, num_classes: int, dropout: float) -> nn.Module:
-    """The ``model`` config node's network for images of ``in_shape``."""
+    """The ``model`` config node's network for images of ``in_shape``, checked with one
+    forward pass before any work (:func:`check_forward`)."""
     check(cfg)
     if getattr(cfg, "_target_", None):
-        return _own(cfg, in_shape, num_classes, dropout)
-    return MODELS[cfg.name].build(cfg, in_shape, num_classes, dropout)
+        key, value = "model._target_", cfg._target_
+        if dropout > 0:
+            allowed = "0 with model._target_ (put dropout layers in your module)"
+            raise ConfigError("regularizer.dropout", dropout, allowed)
+        net = locate(value, key)(**dict(getattr(cfg, "args", None) or {}))
+        if not isinstance(net, nn.Module):
+            raise ConfigError(key, value, f"an nn.Module class; it made a {type(net).__name__}")
+    else:
+        key, value = "model.name", cfg.name
+        net = MODELS[cfg.name].build(cfg, in_shape, num_classes, dropout)
+    check_forward(net, in_shape, num_classes, key, value)
+    return net
 
 
-def _own(cfg: Any, in_shape: Shape, num_classes: int, dropout: float) -> nn.Module:
-    """``model._target_(**model.args)``, checked with one forward pass in eval mode (no
-    running statistic moves) on two blank images: an ``nn.Module`` mapping
-    ``[B, C, H, W]`` images to ``[B, num_classes]`` logits, as the loop and the BN
-    measurement need. Dropout is the module's own business."""
-    key, target = "model._target_", cfg._target_
-    if dropout > 0:
-        allowed = "0 with model._target_ (put dropout layers in your module)"
-        raise ConfigError("regularizer.dropout", dropout, allowed)
-    net = locate(target, key)(**dict(getattr(cfg, "args", None) or {}))
-    if not isinstance(net, nn.Module):
-        raise ConfigError(key, target, f"an nn.Module class; it made a {type(net).__name__}")
-    wanted = (
-        f"an nn.Module mapping [B, {', '.join(map(str, in_shape))}] images to [B, {num_classes}]"
-    )
+def check_forward(net: nn.Module, in_shape: Shape, num_classes: int, key: str, value: Any) -> None:
+    """One forward pass in eval mode (no running statistic moves, no random draw) on two
+    blank images of the data's shape: the model must map ``[B, C, H, W]`` images to
+    ``[B, num_classes]`` logits, as the loop and the BN measurement need. A model too deep for
+    small images, or your own module built for other ones, is one line naming ``key``."""
+    device = next((p.device for p in net.parameters()), torch.device("cpu"))
+    shape = ", ".join(map(str, in_shape))
+    wanted = f"a model mapping this data's [B, {shape}] images to [B, {num_classes}] logits"
     was = net.training
     try:
         with torch.no_grad():
-            out = net.eval()(torch.zeros(2, *in_shape))
+            out = net.eval()(torch.zeros(2, *in_shape, device=device))
     except Exception as e:
-        raise ConfigError(key, target, f"{wanted}; its forward failed: {e}") from None
+        raise ConfigError(key, value, f"{wanted}; its forward failed: {e}") from None
     finally:
         net.train(was)
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ConfigError(key, target, f"{wanted}; it gave {got}")
-    return net
+        raise ConfigError(key, value, f"{wanted}; it gave {got}")
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -43,6 +43,16 @@ class StepPlan:
         than ``smallest_batch`` samples (2 for a model with BatchNorm)."""
         t = trainer
         plan = cls(num_samples, t.epochs, t.batch_size, world_size, t.grad_accum, t.drop_last)
+        need = max(1, smallest_batch)
+        if plan.samples_per_rank < need:  # no batch size can help: too many ranks
+            # the most ranks whose shards still hold ``need``: floor(N/w) or ceil(N/w) >= need
+            most = (
+                num_samples // need if t.drop_last or need == 1 else (num_samples - 1) // (need - 1)
+            )
+            allowed = f"at most {most} processes in all (trainer.devices x "
+            allowed += f"trainer.num_nodes): {num_samples} training samples give each of "
+            allowed += f"{world_size} ranks {plan.samples_per_rank}, a micro-batch needs {need}"
+            raise ConfigError("trainer.devices", t.devices, allowed)
         if plan.micro_batches_per_epoch == 0:
             raise ConfigError(
                 "trainer.batch_size",

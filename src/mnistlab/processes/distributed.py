@@ -25,6 +25,7 @@ import datetime
 import functools
 import json
 import logging
+import math
 import os
 import pickle
 import shutil
@@ -40,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from mnistlab.core import signals
-from mnistlab.core.errors import ConfigError, user_message
+from mnistlab.core.errors import ConfigError, UserError, user_message
 from mnistlab.core.files import atomic_write_bytes
 from mnistlab.processes.threads import resolve_threads, use_threads
 
@@ -144,6 +145,8 @@ def plan_launch(
             value,
             f"only {cuda} CUDA device(s) are visible here; use trainer.accelerator=cpu {instead}",
         )
+    if launch.world_size > 1:
+        timeout_s()  # the ranks' collectives wait this long: a bad value fails here, once
     if cfg.model.get("sync_bn", False) and device_type != "cuda":
         raise ConfigError(
             "model.sync_bn",
@@ -161,8 +164,20 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+TIMEOUT_ENV = "MNISTLAB_DIST_TIMEOUT_S"
+
+
 def timeout_s() -> float:
-    return float(os.environ.get("MNISTLAB_DIST_TIMEOUT_S", "300"))
+    """How long a collective waits for the other ranks (``MNISTLAB_DIST_TIMEOUT_S``, 300 s):
+    checked by :func:`plan_launch` before any rank starts, so a bad value is one line."""
+    raw = os.environ.get(TIMEOUT_ENV, "300")
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise UserError(f"{TIMEOUT_ENV}={raw!r} (environment) is not allowed: seconds > 0")
+    return value
 
 
 # ---------------------------------------------------------------- process group, rank helpers

@@ -81,6 +81,8 @@ def figure(
             drawn += _draw(ax, [p for p in points if p], label)
         if not drawn:
             seen = {k for rows_ in logged for m in rows_ for k in m}
+            if metric in seen:  # logged, but never as a number (NaN, infinite, null)
+                raise CompareError(f"--plot {metric!r}: every value logged is NaN or infinite")
             names = sorted(seen - set(X_AXES) - {"micro_batch"})
             raise CompareError(f"--plot {metric!r}: no run logged it; logged: {', '.join(names)}")
         ax.set_ylabel(metric)

@@ -51,10 +51,33 @@ def find_runs(paths: list[Path], warn: bool = True) -> list[Path]:
     return [run for run in found if _readable(run, warn)]
 
 
+# The parts of a summary the readers index, and the type each must have.
+SHAPE = {
+    "status": str,
+    "final": dict,
+    "config": dict,
+    "counted": dict,
+    "plan": dict,
+    "timings": dict,
+    "overrides": list,
+    "error": str,
+}
+
+
+def shape_problem(summary: Any) -> str:
+    """What makes ``summary`` unreadable as a run's summary ("" if nothing): not a JSON
+    object, or a known part of another type (a hand-edited or foreign file)."""
+    if not isinstance(summary, dict):
+        return "not a JSON object"
+    for key, kind in SHAPE.items():
+        if key in summary and summary[key] is not None and not isinstance(summary[key], kind):
+            return f"{key} is a {type(summary[key]).__name__}, not a {kind.__name__}"
+    return ""
+
+
 def _readable(run: Path, warn: bool) -> bool:
     try:
-        ok = isinstance(json.loads((run / "summary.json").read_text()), dict)
-        problem = "" if ok else "not a JSON object"
+        problem = shape_problem(json.loads((run / "summary.json").read_text()))
     except (OSError, UnicodeDecodeError, ValueError) as e:
         problem = str(e).splitlines()[0] if str(e) else type(e).__name__
     if problem and warn:

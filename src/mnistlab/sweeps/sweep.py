@@ -40,6 +40,7 @@ class Sweep(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         _check_launcher(config.hydra.launcher)
+        _check_sweeps(list(config.hydra.overrides.task))
         signals.install_for_sweep(Stop(Path(config.hydra.sweep.dir), config.objective))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
@@ -59,6 +60,22 @@ def _check_launcher(launcher: Any) -> None:
     if "stacked" in target and launcher.get("max_group", 1) < 1:
         error = ConfigError("hydra.launcher.max_group", launcher.max_group, "an integer >= 1")
         sys.exit(report(str(error)))
+
+
+def _check_sweeps(overrides: list[str]) -> None:
+    """A swept key with no value (``range(0)``, ``choice()``) makes a sweep of no job, which
+    would launch nothing and exit 0: one line instead (exit 2). Intervals are a search's
+    (they have no list of values)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    for o in OverridesParser.create().parse_overrides(overrides):
+        if not o.is_sweep_override() or o.is_interval_sweep():
+            continue
+        if not list(o.sweep_iterator()):
+            error = ConfigError(
+                o.get_key_element(), o.get_value_string(), "a sweep of at least one value"
+            )
+            sys.exit(report(str(error)))
 
 
 def write_summary(sweep_dir: Path, objective: Any) -> list[dict[str, Any]]:
