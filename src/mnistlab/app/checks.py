@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from mnistlab.config import validate
+from mnistlab.config.schema import uses
 from mnistlab.core.errors import ConfigError
 from mnistlab.engine import models
 from mnistlab.logger.sinks import wandb_credentials
@@ -19,7 +20,7 @@ def check(cfg: Any) -> None:
     validate(cfg)
     resolve_threads(cfg.trainer.num_threads)
     models.check(cfg.model)
-    online = cfg.logger.name == "wandb" and cfg.logger.wandb.mode == "online"
+    online = uses(cfg.logger, "wandb") and cfg.logger.wandb.mode == "online"
     if online and not wandb_credentials():
         raise ConfigError(
             "logger.wandb.mode",
