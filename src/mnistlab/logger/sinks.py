@@ -317,6 +317,24 @@ class WandbSink:
             log.warning("W&B did not take the run's tables, files or checkpoint: %s", e)
 
 
+def log_pictures(cfg: Any, folder: Path, pictures: list[Path], group: str) -> None:
+    """Pictures (a sweep's report) as one W&B run of their own, ``job_type=report``, in
+    ``group``, living in ``<folder>/wandb/``; as quiet as the jobs' runs (``cfg``: the
+    ``logger.wandb`` node)."""
+    if not pictures:
+        return
+    import wandb
+
+    settings = wandb.Settings(silent=True, console="off") if cfg.quiet else None
+    run = wandb.init(
+        project=cfg.project, entity=cfg.entity, dir=str(folder), mode=wandb_mode(cfg.mode),
+        group=group, name=f"report {wandb_run.folder_label(Path(folder))}", job_type="report",
+        tags=list(cfg.tags), notes=cfg.notes, reinit="create_new", settings=settings,
+    )  # fmt: skip
+    run.log({f"report/{p.stem}": wandb.Image(str(p)) for p in pictures})
+    run.finish()
+
+
 def build(
     cfg: Any,
     out_dir: Path,
