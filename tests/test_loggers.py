@@ -140,14 +140,14 @@ def test_optuna_trials_are_named_by_their_sampled_values() -> None:
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="config", overrides=["hparams_search=digits_optuna"],
                       return_hydra_config=True)  # fmt: skip
-    keys = wandb_run.swept_keys(cfg.hydra)  # Optuna writes no multirun.yaml: the job's own
+    keys = wandb_run.swept_keys(cfg)  # Optuna writes no multirun.yaml: the job's own
     assert keys == ["optimizer.lr", "trainer.batch_size", "model.bn_momentum"]
     task = ["hparams_search=digits_optuna", "trainer.epochs=1", "optimizer.lr=0.04971664940524736",
             "trainer.batch_size=16", "model.bn_momentum=0.12512806369135343"]  # fmt: skip
     name = wandb_run.label(wandb_run.chosen(task, keep=keys))
     assert name == "optimizer.lr=0.04972,trainer.batch_size=16,model.bn_momentum=0.1251"
     OmegaConf.update(cfg, "hydra.sweeper.params", None)
-    assert wandb_run.swept_keys(cfg.hydra) == []
+    assert wandb_run.swept_keys(cfg) == []
 
 
 def test_long_labels_stay_within_wandbs_limit_and_distinct() -> None:
@@ -167,3 +167,11 @@ def test_long_labels_stay_within_wandbs_limit_and_distinct() -> None:
 )
 def test_a_bad_label_is_one_line(tmp_path: Path, override: str, needles: list[str]) -> None:
     assert_one_line_error(app(tmp_path / "run", *FAST, override), *needles)
+
+
+def test_layer_sections_are_module_paths() -> None:
+    from mnistlab.logger.keys import shown_key
+
+    assert shown_key("bn/2/mean_gap_mean") == "net.2/mean_gap_mean"  # a family's nn.Sequential
+    assert shown_key("bn/features.1/gap_vs_pred") == "features.1/gap_vs_pred"  # your own module
+    assert shown_key("bn/gap_mean") == "bn/gap_mean" and shown_key("val/acc") == "val/acc"

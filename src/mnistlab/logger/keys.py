@@ -1,9 +1,10 @@
 """How a row's keys read in a logger's UI (W&B, TensorBoard), where ``/`` makes sections.
 
 ``metrics.jsonl`` keeps the loop's keys; per-layer BN keys (``bn/<layer>/<metric>``, the
-layer being its qualified name in the model, ``2`` for the third module of an
-``nn.Sequential``) become ``net.<layer>/<metric>``: one section per layer, named by its module
-path under the model, ``net``, as a Lightning module's ``self.net`` would name it.
+layer being its qualified name in the model) become ``<module path>/<metric>``: one section per
+layer. A family's model is an ``nn.Sequential`` whose children are numbers (``2``): those read
+``net.2``, as a Lightning module's ``self.net`` would name them; a name that is already a path
+(your own module's ``features.1``) stays as it is.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ def layer_key(key: str) -> tuple[str, str] | None:
 
 
 def module_path(layer: str) -> str:
-    """A BN layer's qualified name as its module path: ``2`` -> ``net.2``."""
-    return f"{ROOT}.{layer}"
+    """A BN layer's qualified name as a module path: ``2`` -> ``net.2``; ``features.1`` stays."""
+    return f"{ROOT}.{layer}" if layer.split(".", 1)[0].isdigit() else layer
 
 
 def shown_key(key: str) -> str:

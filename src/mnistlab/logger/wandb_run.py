@@ -71,7 +71,7 @@ def identity(out_dir: Path, name: str | None = None, group: str | None = None) -
         return Identity(group or grouped or folder_label(out_dir), name, overrides)
     sweep_dir = Path(hc.sweep.dir).resolve()
     keys, started = sweep_of(sweep_dir / "multirun.yaml")
-    keys = keys or swept_keys(hc)  # Optuna writes no multirun.yaml: its params are here
+    keys = keys or sweeps_of(hc)  # Optuna writes no multirun.yaml: its params are here
     name = name or label(chosen(overrides, keep=keys)) or label(overrides) or out_dir.name
     group = group or grouped or group_name(keys, started, sweep_dir)
     return Identity(group, name, overrides, sweep_dir)
@@ -84,14 +84,19 @@ def sweep_of(multirun_yaml: Path) -> tuple[list[str], float | None]:
 
     if not multirun_yaml.is_file():
         return [], None
-    return swept_keys(OmegaConf.load(multirun_yaml).hydra), multirun_yaml.stat().st_mtime
+    return swept_keys(OmegaConf.load(multirun_yaml)), multirun_yaml.stat().st_mtime
 
 
-def swept_keys(hydra: Any) -> list[str]:
-    """The keys a sweep varies, from its ``hydra`` node: its sweep arguments
-    (``optimizer.lr=0.1,0.2``) and the sweeps in ``hydra.sweeper.params`` (where presets such
-    as ``+experiment=bn_momentum`` put theirs), as Hydra's override parser reads them. Presets'
-    params first, as the sweeper orders them."""
+def swept_keys(sweep_cfg: Any) -> list[str]:
+    """The keys a sweep varies, from its composed config (what ``multirun.yaml`` holds)."""
+    return sweeps_of(sweep_cfg.hydra)
+
+
+def sweeps_of(hydra: Any) -> list[str]:
+    """The keys a sweep varies, from a ``hydra`` node (the sweep's, or any of its jobs'): its
+    sweep arguments (``optimizer.lr=0.1,0.2``) and the sweeps in ``hydra.sweeper.params``
+    (where presets such as ``+experiment=bn_momentum`` put theirs), as Hydra's override parser
+    reads them. Presets' params first, as the sweeper orders them."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
 

@@ -67,7 +67,7 @@ def report_to_wandb(config: DictConfig) -> None:
     if not runs:
         return
     keys, started = sweep_of(sweep_dir / "multirun.yaml")
-    group = group_name(keys or swept_keys(config.hydra), started, sweep_dir)
+    group = group_name(keys or swept_keys(config), started, sweep_dir)
     try:
         pictures = [p for p in write_sweep_report(sweep_dir, runs) if p.suffix == ".png"]
         sinks.log_pictures(w, sweep_dir, pictures, group)
