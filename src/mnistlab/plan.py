@@ -15,9 +15,6 @@ from hydra import compose, initialize_config_dir
 from mnistlab.app.checks import check
 from mnistlab.config import CONF_DIR, compose_message, register
 from mnistlab.core.errors import quiet_on_closed_pipe, report
-from mnistlab.engine.data import train_size
-from mnistlab.engine.models import smallest_batch
-from mnistlab.engine.schedules import check as check_schedule
 from mnistlab.engine.steps import StepPlan
 
 
@@ -26,12 +23,7 @@ def plan_from_overrides(overrides: list[str]) -> tuple[StepPlan, int]:
     register()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
-    check(cfg)
-    t = cfg.trainer
-    world, smallest = t.devices * t.num_nodes, smallest_batch(cfg.model)
-    plan = StepPlan.from_config(t, train_size(cfg.dataset), world, smallest)
-    check_schedule(cfg.scheduler, plan.total_steps)
-    return plan, t.num_nodes
+    return check(cfg), cfg.trainer.num_nodes
 
 
 @quiet_on_closed_pipe

@@ -1,7 +1,8 @@
 """Every check of a job's config that needs no data, in one pass before any work: the
 config's own (:func:`mnistlab.config.validate`), then what needs more than the config to
-say: the thread count, the model (built on the meta device: its shape against the dataset's
-images, its size against the memory there is) and W&B credentials. ``plan``, ``eval`` and
+say: the thread count, the step plan (the dataset's size against batch, world and schedule),
+the model (built on the meta device: its shape against the dataset's images, its size against
+the memory there is) and W&B credentials. ``plan``, ``eval`` and
 ``train`` all call :func:`check`, so each refuses exactly what the others refuse."""
 
 from __future__ import annotations
@@ -12,21 +13,30 @@ from typing import Any
 import torch
 
 from mnistlab.config import validate
+from mnistlab.config.schema import uses
 from mnistlab.core.errors import ConfigError
-from mnistlab.engine import data, models
+from mnistlab.engine import data, models, schedules
+from mnistlab.engine.steps import StepPlan
 from mnistlab.logger.sinks import wandb_credentials, wandb_mode
 from mnistlab.processes.threads import resolve_threads
 
 GB = 1024**3
 
 
-def check(cfg: Any) -> None:
-    """Raise the first problem of ``cfg`` as one :class:`ConfigError` line."""
+def check(cfg: Any) -> StepPlan:
+    """Raise the first problem of ``cfg`` as one :class:`ConfigError` line; return the step
+    plan it asks for (before any process starts: 1500 ranks of 1 sample are refused here,
+    not after they were spawned)."""
     validate(cfg)
     resolve_threads(cfg.trainer.num_threads)
     models.check(cfg.model)
+    t = cfg.trainer
+    world, smallest = t.devices * t.num_nodes, models.smallest_batch(cfg.model)
+    plan = StepPlan.from_config(t, data.train_size(cfg.dataset), world, smallest)
+    schedules.check(cfg.scheduler, plan.total_steps)
     _check_model_fits(cfg)
     _check_wandb(cfg.logger)
+    return plan
 
 
 def _check_model_fits(cfg: Any) -> None:
@@ -72,7 +82,7 @@ def _free_memory(accelerator: str) -> int | None:
 def _check_wandb(logger: Any) -> None:
     """``online`` (asked for, or what ``auto`` makes of ``WANDB_MODE``) needs credentials:
     W&B's own lookup, nothing sent."""
-    if logger.name != "wandb" or wandb_mode(logger.wandb.mode) != "online":
+    if not uses(logger, "wandb") or wandb_mode(logger.wandb.mode) != "online":
         return
     if not wandb_credentials():
         via = (

@@ -125,19 +125,35 @@ class BNStatsConfig:
 
 @dataclass
 class WandbConfig:
+    """How the run appears in W&B. ``name`` and ``group``: None picks them from the overrides
+    (``logger.wandb`` in docs/wandb.md); any string, interpolations included, is used as is."""
+
     mode: str = "auto"
     project: str = "mnistlab"
     entity: str | None = None
+    name: str | None = None  # None: the swept values (a sweep) or the overrides (a run)
+    group: str | None = None  # None: the overrides less trainer.seed (seeds of one config)
     tags: list[str] = field(default_factory=list)
+    notes: str | None = None
+    job_type: str = "train"
     log_every_n_steps: int | None = None  # None: about ten training rows a run
-    quiet: bool = False  # W&B prints nothing and captures no console; the progress bar stays
+    quiet: bool = True  # W&B prints nothing and captures no console; the progress bar stays
     log_checkpoint: bool = False  # the last checkpoint as a W&B model artifact at the end
+    sweep_report: bool = True  # a sweep's report pictures, once, to a W&B run of its own
+
+
+@dataclass
+class TensorBoardConfig:
+    """``logger=tensorboard`` / ``logger=wandb_tensorboard``: event files in the run folder."""
+
+    dir: str = "tensorboard"  # relative to the run folder (or absolute)
 
 
 @dataclass
 class LoggerConfig:
     name: str = "none"
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    tensorboard: TensorBoardConfig = field(default_factory=TensorBoardConfig)
 
 
 @dataclass
@@ -206,4 +222,17 @@ L1_MODES = ("penalty", "proximal")
 L2_MODES = ("penalty", "decoupled")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 DIRECTIONS = ("maximize", "minimize")
-LOGGERS = ("none", "wandb")
+# Each ``logger`` choice (conf/logger/) and the sinks it adds to the console and metrics.jsonl
+LOGGER_SINKS: dict[str, tuple[str, ...]] = {
+    "none": (),
+    "wandb": ("wandb",),
+    "tensorboard": ("tensorboard",),
+    "wandb_tensorboard": ("wandb", "tensorboard"),
+}
+LOGGERS = tuple(LOGGER_SINKS)
+
+
+def uses(logger: Any, sink: str) -> bool:
+    """Whether the ``logger`` config node's choice includes ``sink`` (``wandb``,
+    ``tensorboard``)."""
+    return sink in LOGGER_SINKS.get(logger.name, ())

@@ -216,6 +216,7 @@ def validate(cfg: Any) -> None:
     _check_val_size(cfg.dataset.val_size)
     _check_objective(cfg)
     _check_wandb_project(cfg.logger.wandb.project)
+    _check_wandb_labels(cfg.logger.wandb)
     check_known_keys(cfg)
 
 
@@ -240,6 +241,22 @@ def _check_strengths(r: Any, o: Any) -> None:
     if r.l1 > 0 and o.lr * r.l1 >= 1 and (r.l1_mode == "proximal" or sgd):
         why = f"{bound} ({r.l1_mode}: each step moves every weight by optimizer.lr * l1 toward 0)"
         raise ConfigError("regularizer.l1", r.l1, why)
+
+
+# W&B's own limits on a run's labels, which it enforces only once the run is created or synced
+WANDB_LABELS = {"name": 128, "group": 128, "job_type": 64}
+WANDB_TAG_CHARS = 64
+
+
+def _check_wandb_labels(w: Any) -> None:
+    """Names W&B would refuse (or truncate) after training, refused before it."""
+    for key, most in WANDB_LABELS.items():
+        value = w[key]
+        if value is not None and not 0 < len(str(value)) <= most:
+            raise ConfigError(f"logger.wandb.{key}", value, f"1-{most} characters, or null")
+    for i, tag in enumerate(w.tags):
+        if not 0 < len(str(tag)) <= WANDB_TAG_CHARS:
+            raise ConfigError(f"logger.wandb.tags[{i}]", tag, f"1-{WANDB_TAG_CHARS} characters")
 
 
 def _check_wandb_project(project: Any) -> None:

@@ -16,8 +16,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
+from mnistlab.config.schema import uses
 from mnistlab.core.files import flatten, jsonable
 from mnistlab.logger import wandb_run
+from mnistlab.logger.tensorboard_sink import TensorBoardSink
 
 log = logging.getLogger("mnistlab")
 
@@ -207,10 +209,9 @@ class WandbSink:
         self.checkpoint = checkpoint if cfg.log_checkpoint else None
         resume = resume or {}
         self.id = resume.get("wandb_run_id") or secrets.token_hex(6)
-        who = wandb_run.identity(out_dir)
-        self.identity = wandb_run.Identity(
-            resume.get("wandb_group", who.group), resume.get("wandb_name", who.name), who.overrides
-        )
+        # the config's own name and group first, then the ones a resumed run had, then defaults
+        name = cfg.name or resume.get("wandb_name")
+        self.identity = wandb_run.identity(out_dir, name, cfg.group or resume.get("wandb_group"))
         self.seconds = {"wandb_init_s": 0.0, "wandb_log_s": 0.0}
         self.buffer: list[dict[str, Any]] = []
         self.flush_every_s = flush_every_s
@@ -236,8 +237,9 @@ class WandbSink:
             mode=self.mode,
             group=self.identity.group,
             name=self.identity.name,
-            job_type="train",
+            job_type=cfg.job_type,
             tags=list(cfg.tags),
+            notes=cfg.notes,
             config={**config, "overrides": list(self.identity.overrides)},
             reinit="create_new",  # a sweep runs its jobs in one process (stacked: at once)
             id=self.id,
@@ -289,12 +291,17 @@ class WandbSink:
         final = {k: v for k, v in final.items() if k not in wandb_run.SUMMARIES}
         extra = {k: summary[k] for k in ("counted", "timings", "error") if k in summary}
         self.run.summary.update({**final, **flatten(extra, "/"), "status": status})
-        folder = Path(self.run.dir).parent  # <job>/wandb/offline-run-.../files -> the run
         self.run.finish(exit_code=0 if status == "completed" else 1)
         self.seconds["wandb_finish_s"] = time.perf_counter() - t0
-        if self.mode == "offline":
-            log.info("W&B run saved offline; upload it with: wandb sync %s", folder)
+        if self.mode == "offline":  # a sweep says it once for all its jobs (sweeps.sweep)
+            level = logging.DEBUG if self.identity.sweep is not None else logging.INFO
+            log.log(level, "W&B offline; upload: wandb sync %s", self.sync_glob())
         return dict(self.seconds)  # W&B's own cost, measured
+
+    def sync_glob(self) -> str:
+        """Every offline folder of this run (a resumed run writes one more each time it
+        resumes, all with its id): ``wandb sync`` uploads them to one run, oldest first."""
+        return str(self.out_dir / "wandb" / f"offline-run-*-{self.id}")
 
     def _extras(self, summary: dict[str, Any]) -> None:
         """Tables, chart, pictures, files and the checkpoint, once; a W&B problem here is
@@ -308,6 +315,24 @@ class WandbSink:
                 wandb_run.log_checkpoint(self.run, self.checkpoint, summary)
         except Exception as e:
             log.warning("W&B did not take the run's tables, files or checkpoint: %s", e)
+
+
+def log_pictures(cfg: Any, folder: Path, pictures: list[Path], group: str) -> None:
+    """Pictures (a sweep's report) as one W&B run of their own, ``job_type=report``, in
+    ``group``, living in ``<folder>/wandb/``; as quiet as the jobs' runs (``cfg``: the
+    ``logger.wandb`` node)."""
+    if not pictures:
+        return
+    import wandb
+
+    settings = wandb.Settings(silent=True, console="off") if cfg.quiet else None
+    run = wandb.init(
+        project=cfg.project, entity=cfg.entity, dir=str(folder), mode=wandb_mode(cfg.mode),
+        group=group, name=f"report {wandb_run.folder_label(Path(folder))}", job_type="report",
+        tags=list(cfg.tags), notes=cfg.notes, reinit="create_new", settings=settings,
+    )  # fmt: skip
+    run.log({f"report/{p.stem}": wandb.Image(str(p)) for p in pictures})
+    run.finish()
 
 
 def build(
@@ -337,7 +362,9 @@ def build(
         ConsoleSink(plan["total_steps"], progress, initial=done_steps),
         JsonlSink(Path(out_dir) / "metrics.jsonl", append=done_steps > 0),
     ]
-    if cfg.name == "wandb" and cfg.wandb.mode != "disabled":
+    if uses(cfg, "tensorboard"):
+        out.append(TensorBoardSink(cfg.tensorboard, Path(out_dir), config or {}, done_steps))
+    if uses(cfg, "wandb") and cfg.wandb.mode != "disabled":
         run_config = {**(config or {}), "plan": dict(plan)}
         wandb = WandbSink(cfg.wandb, Path(out_dir), run_config, wandb_row, resume_ids, checkpoint)
         out.append(wandb)

@@ -1,17 +1,21 @@
 """What a W&B run holds beyond its rows: its name and group, its summaries, and the tables,
 chart, pictures and files it receives once, when the job finishes.
 
-A job of a sweep cannot see the other jobs, but Hydra writes the sweep's config to
-``<sweep dir>/multirun.yaml`` before the first job starts: the swept keys come from there
-(the sweep arguments in ``hydra.overrides.task`` and the presets' ``hydra.sweeper.params``),
-parsed by Hydra's own override parser. The name is the job's values of those keys only; the
-full override list stays in the run's config.
+The defaults read well in W&B's run table. A run of a sweep is named by its values of the
+swept keys (``optimizer.lr=0.05,trainer.seed=1``); a lone run by its overrides. The group is
+the job's overrides less ``trainer.seed`` and the keys that change nothing trained (threads,
+progress, logging, resume), so the seeds of one configuration form one group, in a sweep or
+not. A job cannot see the other jobs, but Hydra writes the sweep's config to
+``<sweep dir>/multirun.yaml`` before the first job starts: the swept keys come from there (the
+sweep arguments in ``hydra.overrides.task`` and the presets' ``hydra.sweeper.params``), or,
+where a sweeper writes no such file (Optuna), from the job's own ``hydra.sweeper.params``.
 
 wandb and Hydra are imported inside the functions that need them (see :mod:`mnistlab.logger.sinks`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import shutil
 import time
@@ -21,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from mnistlab.core.files import flatten
+from mnistlab.logger.keys import layer_key, module_path, shown_row
 
 log = logging.getLogger("mnistlab")
 
@@ -31,36 +36,45 @@ SUMMARIES = {
     "val/acc": "max,last",
     "val/loss": "min,last",
 }
-NAME_CHARS = 60  # a run name longer than this keeps its first overrides and says how many more
-LAYERS = "bn_layers"  # W&B's section for per-layer BN keys: ``bn/<layer>/x`` -> ``bn_layers/...``
+LABEL_CHARS = 128  # W&B's limit for a name or group; a longer label is cut and made unique
+LAYERS = "bn_layers"  # W&B's section for the per-layer BN table and chart
+# Overrides that change nothing a run trains: left out of the group, so its seeds stay together
+NOT_TRAINED = ("trainer.seed", "trainer.resume", "trainer.progress", "trainer.num_threads",
+               "logger", "hydra", "report")  # fmt: skip
 
 
 @dataclass(frozen=True)
 class Identity:
-    """How a run is found in W&B: its group (the sweep), its name, its command-line overrides."""
+    """How a run is found in W&B: its group, its name, its command-line overrides, and the
+    sweep folder when the job is one of a sweep's."""
 
     group: str
     name: str
     overrides: tuple[str, ...] = ()
+    sweep: Path | None = None
 
 
-def identity(out_dir: Path) -> Identity:
-    """This Hydra job's group and name (see the module's docstring). Outside Hydra (a DDP
-    worker started by hand) the run folder names both."""
+def identity(out_dir: Path, name: str | None = None, group: str | None = None) -> Identity:
+    """This Hydra job's group and name: ``name`` and ``group`` when given, else the defaults of
+    the module's docstring. Outside Hydra (a DDP worker started by hand) the run folder."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     out_dir = Path(out_dir).resolve()
     if not HydraConfig.initialized():
-        return Identity(folder_label(out_dir), out_dir.name)
+        return Identity(group or folder_label(out_dir), name or out_dir.name)
     hc = HydraConfig.get()
     overrides = tuple(hc.overrides.task)
+    grouped = label(chosen(overrides, drop=NOT_TRAINED), digits=8)
     if hc.mode != RunMode.MULTIRUN:
-        return Identity(folder_label(out_dir), short_name(overrides) or out_dir.name, overrides)
+        name = name or label(overrides) or out_dir.name
+        return Identity(group or grouped or folder_label(out_dir), name, overrides)
     sweep_dir = Path(hc.sweep.dir).resolve()
     keys, started = sweep_of(sweep_dir / "multirun.yaml")
-    name = short_name(overrides, keys) or short_name(overrides) or out_dir.name
-    return Identity(group_name(keys, started, sweep_dir), name, overrides)
+    keys = keys or sweeps_of(hc)  # Optuna writes no multirun.yaml: its params are here
+    name = name or label(chosen(overrides, keep=keys)) or label(overrides) or out_dir.name
+    group = group or grouped or group_name(keys, started, sweep_dir)
+    return Identity(group, name, overrides, sweep_dir)
 
 
 def sweep_of(multirun_yaml: Path) -> tuple[list[str], float | None]:
@@ -74,13 +88,18 @@ def sweep_of(multirun_yaml: Path) -> tuple[list[str], float | None]:
 
 
 def swept_keys(sweep_cfg: Any) -> list[str]:
-    """The keys a sweep varies: its sweep arguments (``optimizer.lr=0.1,0.2``) and the sweeps
-    in ``hydra.sweeper.params`` (where presets such as ``+experiment=bn_momentum`` put theirs),
-    as Hydra's override parser reads them. Presets' params first, as the sweeper orders them."""
+    """The keys a sweep varies, from its composed config (what ``multirun.yaml`` holds)."""
+    return sweeps_of(sweep_cfg.hydra)
+
+
+def sweeps_of(hydra: Any) -> list[str]:
+    """The keys a sweep varies, from a ``hydra`` node (the sweep's, or any of its jobs'): its
+    sweep arguments (``optimizer.lr=0.1,0.2``) and the sweeps in ``hydra.sweeper.params``
+    (where presets such as ``+experiment=bn_momentum`` put theirs), as Hydra's override parser
+    reads them. Presets' params first, as the sweeper orders them."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
 
-    hydra = sweep_cfg.hydra
     params = hydra.sweeper.get("params")
     params = OmegaConf.to_container(params, resolve=False) if params else {}
     lines = [f"{k}={v}" for k, v in params.items() if v is not None]
@@ -89,23 +108,43 @@ def swept_keys(sweep_cfg: Any) -> list[str]:
     return list(dict.fromkeys(o.key_or_group for o in parsed if o.is_sweep_override()))
 
 
-def short_name(overrides: Sequence[str], keys: Iterable[str] | None = None) -> str:
-    """The overrides whose key is in ``keys`` (all when None), space-separated; past
-    :data:`NAME_CHARS`, the first ones and ``+N more``."""
-    chosen = list(overrides)
-    if keys is not None:
-        from hydra.core.override_parser.overrides_parser import OverridesParser
+def chosen(
+    overrides: Sequence[str], keep: Iterable[str] | None = None, drop: Iterable[str] = ()
+) -> list[str]:
+    """The overrides whose key is in ``keep`` (all when None) and neither is nor lies under a
+    key in ``drop``, each as ``key=value`` with a float's value to 4 significant digits."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
 
-        wanted = set(keys)
-        parsed = OverridesParser.create().parse_overrides(chosen)
-        chosen = [o for o, p in zip(chosen, parsed, strict=True) if p.key_or_group in wanted]
-    shown: list[str] = []
-    for item in chosen:
-        if shown and len(" ".join([*shown, item])) > NAME_CHARS:
-            break
-        shown.append(item)
-    rest = len(chosen) - len(shown)
-    return " ".join(shown) + (f" +{rest} more" if rest else "")
+    wanted, unwanted = (None if keep is None else set(keep)), tuple(drop)
+    out = []
+    for line, o in zip(overrides, OverridesParser.create().parse_overrides(list(overrides)),
+                       strict=True):  # fmt: skip
+        key = o.key_or_group
+        if (wanted is not None and key not in wanted) or _under(key, unwanted):
+            continue
+        value = o.value()
+        out.append(f"{key}={value:.4g}" if isinstance(value, float) else line.lstrip("+~"))
+    return out
+
+
+def _under(key: str, prefixes: Sequence[str]) -> bool:
+    """Whether ``key`` is one of ``prefixes`` or lies below one (``.`` or ``/``)."""
+    return any(key == p or key.startswith((f"{p}.", f"{p}/")) for p in prefixes)
+
+
+def label(items: Sequence[str], digits: int = 0) -> str:
+    """``a=1,b=2``: the items joined as Hydra's ``override_dirname`` joins them. Past
+    :data:`LABEL_CHARS`, the first items, ``+N more`` and (with ``digits``) a hash of the
+    whole, so two long labels never read the same."""
+    whole = ",".join(items)
+    if len(whole) <= LABEL_CHARS:
+        return whole
+    tag = f" #{hashlib.sha1(whole.encode()).hexdigest()[:digits]}" if digits else ""
+    for kept in range(len(items) - 1, -1, -1):
+        text = ",".join(items[:kept]) + f" +{len(items) - kept} more{tag}"
+        if len(text) <= LABEL_CHARS:
+            return text.lstrip()
+    return whole[: LABEL_CHARS - len(tag)] + tag
 
 
 def group_name(keys: Sequence[str], started: float | None, sweep_dir: Path) -> str:
@@ -130,18 +169,11 @@ def folder_label(folder: Path) -> str:
 # --- rows ---------------------------------------------------------------------------------------
 
 
-def layer_key(key: str) -> tuple[str, str] | None:
-    """``bn/<layer>/<metric>`` -> ``(layer, metric)``; None for any other key."""
-    if not key.startswith("bn/") or key.count("/") < 2:
-        return None
-    layer, _, metric = key[3:].rpartition("/")
-    return layer, metric
-
-
 def for_wandb(row: Mapping[str, Any]) -> dict[str, Any]:
-    """The row as W&B gets it: per-layer BN keys in their own section (``bn_layers/...``), so
-    the ``bn`` section keeps the aggregates. ``metrics.jsonl`` keeps the original keys."""
-    return {(f"{LAYERS}/{k[3:]}" if layer_key(k) else k): v for k, v in row.items()}
+    """The row as W&B gets it: per-layer BN keys in their layer's own section, named by module
+    path (``net.2/mean_gap_mean``), so the ``bn`` section keeps the aggregates.
+    ``metrics.jsonl`` keeps the original keys."""
+    return shown_row(row)
 
 
 GAP_SERIES = {"mean_gap_mean": "measured", "pred_mean_gap_mean": "predicted"}
@@ -174,7 +206,7 @@ class GapHistory:
                     x, y = zip(*lines[what], strict=True)
                     xs.append(list(x))
                     ys.append(list(y))
-                    keys.append(f"{layer} {what}")
+                    keys.append(f"{module_path(layer)} {what}")
         return xs, ys, keys
 
 

@@ -295,6 +295,19 @@ def offline_wandb_runs(runs: Sequence[Path]) -> list[Path]:
     return [p for r in runs for p in sorted((Path(r) / "wandb").glob("offline-run-*"))]
 
 
+def offline_sync_globs(root: Path) -> tuple[int, list[str]]:
+    """How many offline W&B folders lie under ``root``, and the few shell patterns that name
+    them all (``<sweep>/*/wandb/offline-run-*``): a ``wandb sync`` line that stays short however
+    many jobs a sweep has, and names every folder of a resumed run."""
+    root = Path(root)
+    found = sorted(root.rglob("wandb/offline-run-*"))
+    patterns = {
+        str(root.joinpath(*["*"] * (len(p.relative_to(root).parts) - 2), "wandb", "offline-run-*"))
+        for p in found
+    }
+    return len(found), sorted(patterns)
+
+
 # --- the plot -----------------------------------------------------------------------------------
 
 

@@ -28,6 +28,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from mnistlab.config.schema import uses
 from mnistlab.core import signals
 from mnistlab.core.errors import ConfigError, report
 
@@ -45,8 +46,34 @@ class Sweep(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         signals.install_for_sweep(None)
+        report_to_wandb(config)
         if write_summary(Path(config.hydra.sweep.dir), config.objective):
             sys.exit(1)
+
+
+def report_to_wandb(config: DictConfig) -> None:
+    """``logger.wandb.sweep_report``: the sweep's report pictures (``<sweep>/report/``), once,
+    in a W&B run of their own. Not every job's: a run's report costs about as much as a default
+    run trains (docs/wandb.md), the sweep's about a second, once. A failure costs one line."""
+    w = config.logger.wandb
+    if not (uses(config.logger, "wandb") and w.mode != "disabled" and w.sweep_report):
+        return
+    from mnistlab.logger import sinks
+    from mnistlab.logger.wandb_run import group_name, sweep_of, swept_keys
+    from mnistlab.results.folders import find_runs
+    from mnistlab.results.reports import write_sweep_report
+
+    sweep_dir = Path(config.hydra.sweep.dir).resolve()
+    runs = find_runs([sweep_dir], warn=False)
+    if not runs:
+        return
+    keys, started = sweep_of(sweep_dir / "multirun.yaml")
+    group = group_name(keys or swept_keys(config), started, sweep_dir)
+    try:
+        pictures = [p for p in write_sweep_report(sweep_dir, runs) if p.suffix == ".png"]
+        sinks.log_pictures(w, sweep_dir, pictures, group)
+    except Exception as e:
+        log.warning("the sweep's report did not reach W&B (%s: %s)", type(e).__name__, e)
 
 
 def _check_launcher(launcher: Any) -> None:
@@ -88,7 +115,7 @@ def write_summary(sweep_dir: Path, objective: Any) -> list[dict[str, Any]]:
         best,
         differing_overrides,
         find_runs,
-        offline_wandb_runs,
+        offline_sync_globs,
         parse_overrides,
         row_of,
         to_csv,
@@ -107,10 +134,9 @@ def write_summary(sweep_dir: Path, objective: Any) -> list[dict[str, Any]]:
     if top is not None:
         log.info("best job by %s (%s): %s = %.4g [%s]", metric, direction, top["run"],
                  top[metric], top["overrides"])  # fmt: skip
-    offline = offline_wandb_runs(runs)
-    if offline:
-        log.info("W&B: %d offline runs; upload them with: wandb sync %s", len(offline),
-                 " ".join(map(str, offline)))  # fmt: skip
+    count, globs = offline_sync_globs(sweep_dir)
+    if count:
+        log.info("W&B: %d offline runs; upload: wandb sync %s", count, " ".join(globs))
     failed = [r for r in rows if r["status"] != "completed"]
     if failed:
         log.error(
