@@ -18,6 +18,21 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 )
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (``make test`` runs ``-n auto --dist loadfile``) each worker keeps to
+    a core of its own, and so does everything it starts (affinity is inherited): a run's
+    ``trainer.num_threads=auto`` counts that one core, and two workers never put more threads
+    on the machine than it has cores (GNU OpenMP threads spin while they wait)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if not worker or not hasattr(os, "sched_setaffinity"):
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if count > 1 and len(cores) >= count:
+        os.sched_setaffinity(0, {cores[int(worker.removeprefix("gw")) % len(cores)]})
+        os.environ["OMP_NUM_THREADS"] = "1"  # torch's own default, before it is imported
+
+
 @pytest.fixture(scope="session")
 def mnist_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A data root holding small MNIST, FashionMNIST and KMNIST in torchvision's layout."""
