@@ -243,3 +243,16 @@ def test_a_stacked_lane_clips_and_stops_early_as_its_job_alone(
     # the lane that went on trained all its epochs, alone after the other stopped
     assert "stopped_early" not in g and g["accounting_matches_plan"]
     assert g["counted"]["epochs"] == 3
+
+
+def test_a_resumed_sweep_skips_the_job_that_stopped_early(
+    stacked: tuple[Path, list[Path]], tmp_path: Path
+) -> None:
+    _, (stopping, _) = stacked
+    sweep = Path(shutil.copytree(stopping.parent, tmp_path / "sweep"))
+    before = (sweep / "0" / "summary.json").read_bytes()
+    over = (*SMALL, CLIP, "trainer.early_stopping.min_delta=1.0", "trainer.epochs=3")
+    p = app(sweep, *over, "hydra/launcher=stacked", "trainer.early_stopping.patience=1,null",
+            "trainer.resume=true", multirun=True)  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert (sweep / "0" / "summary.json").read_bytes() == before  # skipped: not run again
