@@ -1,10 +1,11 @@
 """``python -m mnistlab.eval RUN [key=value ...]`` (also ``mnistlab-eval``): a saved run,
 evaluated again from its checkpoint (:mod:`mnistlab.app.evaluation` rebuilds and measures it).
 
-RUN is a run folder (its ``checkpoints/last.pt`` is read) or a checkpoint file. The report
-(loss and accuracy on every split besides ``train``, the BN gaps, with
-``bn_stats.recalibrate=true`` the test accuracy after PreciseBN) is printed and written
-atomically to ``RUN/eval.json`` (or ``--out``).
+RUN is a run folder (its ``checkpoints/last.pt`` is read, or with ``--ckpt best`` its
+``checkpoints/best.pt``) or a checkpoint file. The report (loss and accuracy on every split
+besides ``train``, the BN gaps, with ``bn_stats.recalibrate=true`` the test accuracy after
+PreciseBN) is printed and written atomically to ``RUN/eval.json`` (``RUN/eval_best.json`` for
+``--ckpt best``; or ``--out``).
 """
 
 from __future__ import annotations
@@ -41,11 +42,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("run", type=Path, help="a run folder, or a checkpoint file")
     p.add_argument("overrides", nargs="*", help=f"key=value changes to its config, {USAGE_HINT}")
-    p.add_argument("--out", type=Path, metavar="PATH", help="the JSON report (RUN/eval.json)")
+    p.add_argument(
+        "--ckpt",
+        choices=("last", "best"),
+        default="last",
+        help="a run folder's checkpoint: last.pt (default) or best.pt, the objective's best",
+    )
+    p.add_argument(
+        "--out", type=Path, metavar="PATH",
+        help="the JSON report (RUN/eval.json; RUN/eval_best.json with --ckpt best)",
+    )  # fmt: skip
     args = p.parse_intermixed_args(argv)
     try:
-        result, run_dir = evaluate_run(args.run, args.overrides)
-        out = args.out or run_dir / "eval.json"
+        result, run_dir = evaluate_run(args.run, args.overrides, args.ckpt)
+        out = args.out or run_dir / ("eval.json" if args.ckpt == "last" else "eval_best.json")
         atomic_write_json(out, result)
     except Exception as e:
         message = user_message(e)  # run_config turned the config's into lines

@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from mnistlab.bn.monitor import Monitor
+from mnistlab.engine.best import Best
 from mnistlab.engine.checkpoint import Checkpointer
 from mnistlab.engine.loop import Loop
 from mnistlab.engine.steps import StepCounter, StepPlan
@@ -33,3 +34,4 @@ class Job:
     counter: StepCounter  # where training starts: zero, or the checkpoint's
     running: dict[str, Any] | None  # the checkpoint's train sums since its last row
     resumed: dict[str, Any] | None  # the checkpoint resumed from
+    best: Best  # the objective at each evaluation: best.pt, early stopping

@@ -29,15 +29,20 @@ from mnistlab.engine.checkpoint import CheckpointError
 USAGE_HINT = "e.g. bn_stats.recalibrate=true or trainer.accelerator=cpu"
 
 
-def locate(target: Path) -> tuple[Path, Path]:
-    """``(checkpoint, run folder)`` for a run folder or a checkpoint file inside one."""
+CHECKPOINTS = {"last": checkpoint.LAST, "best": checkpoint.BEST}
+WHY_NONE = {
+    "last": "not a run folder, or its run stopped before the first checkpoint",
+    "best": "its run has not evaluated yet, or ended before its objective was measured",
+}
+
+
+def locate(target: Path, which: str = "last") -> tuple[Path, Path]:
+    """``(checkpoint, run folder)`` for a run folder (its ``which`` checkpoint: ``last`` or
+    ``best``) or a checkpoint file inside one."""
     if target.is_dir():
-        ckpt = target / checkpoint.LAST
+        ckpt = target / CHECKPOINTS[which]
         if not ckpt.is_file():
-            raise CheckpointError(
-                f"{target} holds no {checkpoint.LAST}: not a run folder, or its run stopped "
-                "before the first checkpoint"
-            )
+            raise CheckpointError(f"{target} holds no {CHECKPOINTS[which]}: {WHY_NONE[which]}")
         return ckpt, target
     if not target.exists():
         raise CheckpointError(f"{target} does not exist: give a run folder or a checkpoint file")
@@ -110,9 +115,12 @@ def evaluate_checkpoint(cfg: DictConfig, state: Mapping[str, Any], ckpt: Path) -
     return {"counted": counter.counted(), "metrics": metrics, **bn_part}
 
 
-def evaluate_run(target: Path, overrides: Sequence[str]) -> tuple[dict[str, Any], Path]:
-    """The whole report for a run folder or checkpoint, and the run folder it belongs to."""
-    ckpt, run_dir = locate(target)
+def evaluate_run(
+    target: Path, overrides: Sequence[str], which: str = "last"
+) -> tuple[dict[str, Any], Path]:
+    """The whole report for a run folder (its ``which`` checkpoint) or a checkpoint, and the
+    run folder it belongs to."""
+    ckpt, run_dir = locate(target, which)
     state = checkpoint.read(ckpt)
     cfg = run_config(state["config"], overrides, ckpt)
     result = {"checkpoint": str(ckpt), **evaluate_checkpoint(cfg, state, ckpt)}

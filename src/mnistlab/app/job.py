@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -23,8 +24,10 @@ from torch.optim.lr_scheduler import LRScheduler
 from mnistlab.app import summary
 from mnistlab.app.components import Job
 from mnistlab.bn.monitor import Monitor
+from mnistlab.config.schema import EVALUATED
 from mnistlab.core.errors import ConfigError, Diverged, Interrupted
 from mnistlab.engine import checkpoint, data, models, regularizers, schedules
+from mnistlab.engine.best import Best
 from mnistlab.engine.checkpoint import Checkpointer
 from mnistlab.engine.data import Split
 from mnistlab.engine.loop import Callback, Fit, Loop, LoopConfig
@@ -93,15 +96,34 @@ def setup(cfg: DictConfig, out_dir: Path, rank: int = 0, world_size: int = 1) ->
     # dynamo no frame to capture for an nn.Sequential. The BN pass calls the plain model.
     trained = torch.compile(net) if t.compile else net
     loop_cfg = LoopConfig(
-        t.seed, cadence, rank, t.eval_every_n_epochs, t.eval_batch_size, t.precision
-    )
+        t.seed, cadence, rank, t.eval_every_n_epochs, t.eval_batch_size, t.precision,
+        t.grad_clip_norm, t.grad_clip_value,
+    )  # fmt: skip
+    best = _best(cfg, ckpt, resumed, agree)
     callbacks: list[Callback] = [monitor, ckpt, *extra]
     if t.num_threads == "auto" and device.type == "cpu":  # follow the machine's load
         callbacks.append(ThreadGovernor(most=torch.get_num_threads()))
+    callbacks.append(best)  # last: it may end the run once the others saw the epoch end
+    if best.state.stopped is not None:  # resuming a run that stopped early: it stays so
+        plan = replace(plan, epochs=best.state.stopped["epoch"])
     loop = Loop(trained, optimizer, reg, plan, train, test, out, loop_cfg, callbacks, val,
                 scheduler)  # fmt: skip
     return Job(cfg, out_dir, world_size, plan, model, loop, monitor, ckpt, out, counter, running,
-               resumed)  # fmt: skip
+               resumed, best)  # fmt: skip
+
+
+def _best(
+    cfg: DictConfig,
+    ckpt: Checkpointer,
+    resumed: dict[str, Any] | None,
+    agree: Callable[[int], int],
+) -> Best:
+    """The objective's tracker (best.pt, early stopping), where the checkpoint left it."""
+    o, es = cfg.objective, cfg.trainer.early_stopping
+    saved = resumed["extra"].get("best") if resumed is not None else None
+    maximize = o.direction == "maximize"
+    key = EVALUATED.get(o.metric)  # None: only the end measures it
+    return Best(ckpt, o.metric, key, maximize, es.patience, es.min_delta, saved, agree)
 
 
 def _restore(
@@ -228,6 +250,8 @@ def end(
         raise
     finally:
         out.setdefault("counted", job.counter.counted())  # diverged or interrupted: how far
+        if job.best.record() is not None:  # the objective's best evaluation, and its file
+            out["best"] = job.best.record()
         out["timings"]["wall_s"] = time.perf_counter() - clock.started
         if job.cfg.report and out["status"] == "completed" and distributed.is_rank_zero():
             out["timings"]["report_s"] = _report(job.out_dir, out)

@@ -135,15 +135,18 @@ def _stacked(
 
 def _already_completed(cfg: DictConfig, hc: Any, out_dir: Path) -> dict[str, Any] | None:
     """In a sweep run again with ``trainer.resume=true``: the summary of a job that already
-    completed all the epochs asked for, else None."""
+    completed all the epochs asked for, or stopped early, else None."""
     if not cfg.trainer.resume or hc.mode != RunMode.MULTIRUN:
         return None
     try:
         summary = json.loads((out_dir / "summary.json").read_text())
     except (OSError, ValueError):
         return None
-    epochs = summary.get("counted", {}).get("epochs", 0) if isinstance(summary, dict) else 0
-    done = summary.get("status") == "completed" and epochs >= cfg.trainer.epochs
+    if not isinstance(summary, dict):
+        return None
+    epochs = summary.get("counted", {}).get("epochs", 0)
+    finished = epochs >= cfg.trainer.epochs or "stopped_early" in summary
+    done = summary.get("status") == "completed" and finished
     return summary if done else None
 
 

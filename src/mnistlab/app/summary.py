@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from mnistlab.app.components import Job
 from mnistlab.core.errors import Diverged, Interrupted, user_message
 from mnistlab.core.files import atomic_write_json
 from mnistlab.engine.loop import Fit, evaluate, position
-from mnistlab.engine.steps import StepCounter
+from mnistlab.engine.steps import StepCounter, StepPlan
 from mnistlab.processes import distributed
 
 RESUME = "python -m mnistlab.train hydra.run.dir={} trainer.resume=true"
@@ -90,7 +91,7 @@ def completed(
     final_train = evaluate(net, job.loop.train, t.eval_batch_size, t.precision)
     val = job.loop.val
     final_val = evaluate(net, val, t.eval_batch_size, t.precision) if val is not None else {}
-    summary.update(_accounting(job, counter))
+    summary.update(_accounting(job, counter, _run_plan(job, summary)))
     summary["final"] = {
         **{f"val/{k}": v for k, v in final_val.items()},
         "test/loss": final_test["loss"],
@@ -102,6 +103,7 @@ def completed(
         **bn_part.pop("final", {}),
     }
     summary.update(bn_part)
+    job.best.finish(counter, summary["final"])  # an objective only the end measures
     first = fit.timings.get("first_step_at")
     summary["timings"].update(
         train_s=train_s,
@@ -113,9 +115,21 @@ def completed(
     )
 
 
-def _accounting(job: Job, counter: StepCounter) -> dict[str, Any]:
-    """Counted against planned, on this rank and (a collective) on every rank."""
-    mismatches = counter.compare(job.plan)
+def _run_plan(job: Job, summary: dict[str, Any]) -> StepPlan:
+    """The plan the counts answer to: the job's, or, if early stopping ended it, the plan of
+    the epochs it ran (then the summary's ``plan`` and ``stopped_early`` say so)."""
+    stop = job.best.state.stopped
+    if stop is None:
+        return job.plan
+    plan = replace(job.plan, epochs=stop["epoch"])
+    summary["plan"] = plan.as_dict()
+    summary["stopped_early"] = {**stop, "planned_epochs": job.cfg.trainer.epochs}
+    return plan
+
+
+def _accounting(job: Job, counter: StepCounter, plan: StepPlan) -> dict[str, Any]:
+    """Counted against ``plan``, on this rank and (a collective) on every rank."""
+    mismatches = counter.compare(plan)
     counted = counter.counted()
     out: dict[str, Any] = {
         "status": "completed" if not mismatches else "failed",

@@ -96,6 +96,15 @@ class SchedulerConfig:
 
 
 @dataclass
+class EarlyStoppingConfig:
+    """Stop when the objective (``objective.metric``) has not improved by more than
+    ``min_delta`` for ``patience`` evaluations in a row; null patience: never."""
+
+    patience: int | None = None
+    min_delta: float = 0.0
+
+
+@dataclass
 class TrainerConfig:
     epochs: int = 20
     batch_size: int = 32
@@ -114,6 +123,10 @@ class TrainerConfig:
     compile: bool = False
     checkpoint_every_n_steps: int | None = None
     resume: bool = False
+    # Clip the accumulation window's gradient once per optimizer step; null: no clipping.
+    grad_clip_norm: float | None = None  # the global L2 norm at most this
+    grad_clip_value: float | None = None  # every element in [-value, value]
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
 
 
 @dataclass
@@ -215,6 +228,16 @@ OBJECTIVES = (
     "weights/sparsity_exact",
     "bn/gap_mean",
 )
+# The objectives an evaluation row measures, by the row's key: best.pt is chosen and early
+# stopping decided on these at every evaluation. ``train/*`` is measured there on the
+# test-sized slice of training (``train_eval/*``), at the end on the whole training split.
+# Any other objective is known only at the end: best.pt is then the last checkpoint.
+EVALUATED = {
+    "val/acc": "val/acc",
+    "val/loss": "val/loss",
+    "train/acc": "train_eval/acc",
+    "train/loss": "train_eval/loss",
+}
 ACCELERATORS = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16")
 PROGRESS = ("auto", "bar", "lines", "none")

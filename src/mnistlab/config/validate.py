@@ -13,6 +13,7 @@ from mnistlab.config.messages import schema_keys
 from mnistlab.config.schema import (
     ACCELERATORS,
     DIRECTIONS,
+    EVALUATED,
     L1_MODES,
     L2_MODES,
     LOGGERS,
@@ -101,6 +102,10 @@ NUMBERS: dict[str, Num] = {
     "trainer.eval_batch_size": COUNT,
     "trainer.log_every_n_steps": OPTIONAL_COUNT,
     "trainer.checkpoint_every_n_steps": OPTIONAL_COUNT,
+    "trainer.grad_clip_norm": Num(0, low_open=True, optional=True),
+    "trainer.grad_clip_value": Num(0, low_open=True, optional=True),
+    "trainer.early_stopping.patience": OPTIONAL_COUNT,
+    "trainer.early_stopping.min_delta": Num(0),
     "model.hidden[]": COUNT,
     "model.channels[]": COUNT,
     "model.bn_momentum": Num(0, 1, low_open=True, optional=True),
@@ -201,6 +206,17 @@ def _check_objective(cfg: Any) -> None:
         raise ConfigError("objective.direction", cfg.objective.direction, allowed)
 
 
+def _check_early_stopping(cfg: Any) -> None:
+    """Early stopping decides at evaluations: its objective must be one they measure."""
+    patience, metric = cfg.trainer.early_stopping.patience, cfg.objective.metric
+    if patience is not None and metric not in EVALUATED:
+        allowed = (
+            f"null with objective.metric={metric}, which only the end measures; early "
+            f"stopping needs one each evaluation measures: {', '.join(EVALUATED)}"
+        )
+        raise ConfigError("trainer.early_stopping.patience", patience, allowed)
+
+
 def validate(cfg: Any) -> None:
     """Check every value Hydra's types can't (ranges, finiteness, choices, combinations);
     raise the first problem as one ConfigError line."""
@@ -215,6 +231,7 @@ def validate(cfg: Any) -> None:
     _check_scheduler(cfg.scheduler, cfg.optimizer.lr)
     _check_val_size(cfg.dataset.val_size)
     _check_objective(cfg)
+    _check_early_stopping(cfg)
     _check_wandb_project(cfg.logger.wandb.project)
     _check_wandb_labels(cfg.logger.wandb)
     check_known_keys(cfg)

@@ -5,6 +5,7 @@
   :class:`ConfigError` is the common case, naming the key, the value and what is allowed.
 * :class:`Diverged` — the loss or the weights became NaN or infinite.
 * :class:`Interrupted` — SIGTERM or SIGINT arrived and a checkpoint was written.
+* :class:`StoppedEarly` — early stopping ended the run at an evaluation: a *completed* run.
 """
 
 from __future__ import annotations
@@ -46,6 +47,16 @@ class Interrupted(RuntimeError):
     def __init__(self, signum: int, step: int) -> None:
         self.signum, self.step = signum, step
         super().__init__(f"interrupted by {signal.Signals(signum).name} at optimizer step {step}")
+
+
+class StoppedEarly(Exception):
+    """The objective stopped improving (``trainer.early_stopping``): raised at the epoch end
+    whose evaluation decided it, after the checkpoint; the loop ends there and the run is
+    completed, not failed."""
+
+    def __init__(self, step: int, epoch: int, reason: str) -> None:
+        self.step, self.epoch, self.reason = step, epoch, reason
+        super().__init__(f"stopped early at optimizer step {step} (epoch {epoch}): {reason}")
 
 
 # What the environment can refuse a file operation for, and what the user can do about it.

@@ -35,6 +35,13 @@ class Callback:
     def on_step_end(self, counter: StepCounter, running: Running) -> None:
         """After the step's row was logged: a boundary where the run can be saved."""
 
+    def on_evaluation(
+        self, counter: StepCounter, running: Running, metrics: dict[str, float]
+    ) -> None:
+        """After an evaluation row (``metrics``: its values by key, ``val/acc``,
+        ``train_eval/loss``, ...) was logged, before ``on_epoch_end``: the best checkpoint
+        and early stopping read it."""
+
     def on_epoch_end(self, counter: StepCounter, running: Running) -> None:
         """After the epoch's evaluation row: the last boundary of the epoch."""
 

@@ -38,6 +38,7 @@ from mnistlab.engine.models import unwrap
 from mnistlab.engine.steps import StepCounter
 
 LAST = Path("checkpoints") / "last.pt"
+BEST = Path("checkpoints") / "best.pt"  # the same contents, at the objective's best evaluation
 VERSION = 1
 
 # Settings of this process rather than of the training (``callbacks`` observe the loop): a
@@ -348,28 +349,24 @@ class Checkpointer(Callback):
             raise Interrupted(signum, counter.optimizer_steps)
 
     def save(self, counter: StepCounter, running: Mapping[str, Any]) -> None:
-        # Never keep a checkpoint of a diverged model: the loss check may be sparse on GPU.
+        """``last.pt`` now; the listeners hear of it."""
+        self.save_as(self.path, counter, running)
+        self.last_saved_step = counter.optimizer_steps
+        for listener in self.listeners:
+            listener.on_save(counter.optimizer_steps)
+
+    def save_as(self, path: Path, counter: StepCounter, running: Mapping[str, Any]) -> None:
+        """The run as it stands, written to ``path`` on rank 0 (``last.pt``, or ``best.pt``
+        with the same contents); a diverged model is never kept (the loss check may be sparse
+        on a GPU): Diverged instead."""
         checks = [torch.isfinite(p).all() for p in self.model.parameters()]
         checks.append(torch.isfinite(torch.as_tensor(running["loss"])).all().to(checks[0].device))
         if not bool(torch.stack(checks).all()):  # one host sync, not one per tensor
             raise Diverged(counter.optimizer_steps, float("nan"))
         if self.write:
             size = self.metrics_path.stat().st_size if self.metrics_path.exists() else 0
-            save(
-                self.path,
-                self.model,
-                self.optimizer,
-                counter,
-                running,
-                self.config,
-                size,
-                self.extra,
-                self.scheduler,
-                self.rng(),
-            )
-        self.last_saved_step = counter.optimizer_steps
-        for listener in self.listeners:
-            listener.on_save(counter.optimizer_steps)
+            save(path, self.model, self.optimizer, counter, running, self.config, size,
+                 self.extra, self.scheduler, self.rng())  # fmt: skip
 
     def stop_on_signals(self) -> contextlib.AbstractContextManager[None]:
         return stop_on_signals([self])

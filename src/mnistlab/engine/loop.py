@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LRScheduler
 
-from mnistlab.core.errors import Diverged
+from mnistlab.core.errors import Diverged, StoppedEarly
 from mnistlab.engine.callbacks import Callback
 from mnistlab.engine.data import Split
 from mnistlab.engine.models import autocast
@@ -70,6 +70,8 @@ class LoopConfig:
     eval_every_n_epochs: int = 1
     eval_batch_size: int = 1024
     precision: str = "fp32"
+    grad_clip_norm: float | None = None  # the window's gradient: global L2 norm at most this
+    grad_clip_value: float | None = None  # each element within [-value, value]
 
 
 @dataclass
@@ -179,14 +181,31 @@ class Loop:
                     self.count_micro_batch(counter, run, len(idx))
 
                 lr = self.optimizer.param_groups[0]["lr"]  # this step's rate, for its row
+                self.clip_gradients()
                 self.optimizer.step()
                 self.regularizer.after_step(lr)  # proximal L1 / decoupled decay: same rate
                 self.optimizer.zero_grad(set_to_none=True)
                 self.close_step(counter, run, result, lr)
 
-            self.close_epoch(counter, run, result)
+            try:
+                self.close_epoch(counter, run, result)
+            except StoppedEarly:  # a completed run, shorter: the callback that said so knows why
+                break
         result.timings["end_at"] = time.perf_counter()
         return result
+
+    def clip_gradients(self) -> None:
+        """Clip the window's whole gradient once, just before its optimizer step (after the
+        last micro-batch's backward: under DDP already averaged over the ranks, so every rank
+        clips alike). Elements first, then the norm: both bounds then hold."""
+        norm, value = self.cfg.grad_clip_norm, self.cfg.grad_clip_value
+        if norm is None and value is None:
+            return
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        if value is not None:
+            nn.utils.clip_grad_value_(params, value)
+        if norm is not None:
+            nn.utils.clip_grad_norm_(params, norm)
 
     def count_micro_batch(self, counter: StepCounter, run: Running, samples: int) -> None:
         """A micro-batch of ``samples`` (this rank's) went forward and backward."""
@@ -214,7 +233,7 @@ class Loop:
         """The epoch's end: its evaluation row (``measured``: the splits' metrics if already
         evaluated, by a stacked group), then the callbacks."""
         counter.epochs += 1
-        self._end_epoch(counter, result, measured)
+        self._end_epoch(counter, run, result, measured)
         for c in self.callbacks:
             c.on_epoch_end(counter, run)
 
@@ -259,8 +278,13 @@ class Loop:
             c.on_step_end(counter, run)
 
     def _end_epoch(
-        self, counter: StepCounter, result: Fit, measured: dict[str, dict[str, float]] | None
+        self,
+        counter: StepCounter,
+        run: Running,
+        result: Fit,
+        measured: dict[str, dict[str, float]] | None,
     ) -> None:
+        """The evaluation row, if this epoch end evaluates, then the callbacks that read it."""
         if not self.evaluates(counter.epochs):
             return
         t0 = time.perf_counter()
@@ -271,6 +295,8 @@ class Loop:
         row["train_test_gap"] = row["train_eval/acc"] - row["test/acc"]
         result.timings["eval_s"] += time.perf_counter() - t0
         self.sinks.log(position(counter, self.plan) | row, kind="eval")
+        for c in self.callbacks:
+            c.on_evaluation(counter, run, row)
 
 
 def position(counter: StepCounter, plan: StepPlan) -> dict[str, Any]:

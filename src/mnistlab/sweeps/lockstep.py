@@ -9,8 +9,9 @@ and update for all lanes; then each lane's counts, row, callbacks and evaluation
 own :class:`~mnistlab.engine.loop.Loop`.
 
 A lane that diverges, or whose callback fails, ends alone: its outcome is kept, its lane
-zeroed (nothing non-finite flows on) and the others go on. SIGTERM/SIGINT stop every lane
-at the next step boundary, each with its checkpoint.
+zeroed (nothing non-finite flows on) and the others go on. A lane that stops early ends
+alone the same way, its module first copied out of the stack (it completed). SIGTERM/SIGINT
+stop every lane at the next step boundary, each with its checkpoint.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from torch import Tensor
 
 from mnistlab.app.job import Job
 from mnistlab.bn.stats import Accumulators
-from mnistlab.core.errors import Interrupted
+from mnistlab.core.errors import Interrupted, StoppedEarly
 from mnistlab.engine.checkpoint import Streams, stop_on_signals
 from mnistlab.engine.loop import Fit, Loop, Running, epoch_order, micro_batches, windows
 from mnistlab.engine.models import autocast, bn_layers
@@ -41,7 +42,9 @@ class Lane:
     job: Job
     run: Running  # views of the group's sums
     lr: float = 0.0  # the rate of the step being taken
-    outcome: BaseException | None = None  # how it ended early: diverged, interrupted, a bug
+    # How it ended before the group: diverged, interrupted, a bug; or its Fit if it stopped
+    # early (a completed run: its lane was released, its model keeps what it ended with).
+    outcome: Fit | BaseException | None = None
     fit: Fit = field(init=False)  # what the lane's loop did
     loop: Loop = field(init=False)  # the job's own: rows, callbacks, evaluation
     counter: StepCounter = field(init=False)
@@ -60,6 +63,8 @@ def fit(jobs: Sequence[Job], streams: Sequence[Streams]) -> list[Fit | BaseExcep
         [lp.optimizer for lp in loops],
         [lp.regularizer for lp in loops],
         [s.generator for s in streams],
+        [lp.cfg.grad_clip_norm for lp in loops],
+        [lp.cfg.grad_clip_value for lp in loops],
     )
     for job, s in zip(jobs, streams, strict=True):
         job.ckpt.rng = s.state  # a lane's checkpoint keeps the lane's own streams
@@ -76,8 +81,8 @@ def fit(jobs: Sequence[Job], streams: Sequence[Streams]) -> list[Fit | BaseExcep
     try:
         with stop_on_signals([j.ckpt for j in jobs]):
             _walk(stack, lanes, loss, correct)
-        for lane in lanes:
-            lane.fit.timings["end_at"] = time.perf_counter()
+        for lane in lanes:  # a lane that stopped early ended before
+            lane.fit.timings.setdefault("end_at", time.perf_counter())
     except BaseException as e:  # the stack itself failed (or a second Ctrl-C): every lane
         for lane in lanes:
             lane.outcome = lane.outcome or e
@@ -194,12 +199,17 @@ def _window(
 
 def _each(stack: Stack, lanes: list[Lane], step: Callable[[Lane], None]) -> None:
     """``step(lane)`` for every lane still training; what one raises ends that lane only
-    (an interrupted lane keeps its weights: it saved them)."""
+    (an interrupted lane keeps its weights: it saved them; one that stopped early is
+    released from the stack with them)."""
     for i, lane in enumerate(lanes):
         if lane.outcome is not None:
             continue
         try:
             step(lane)
+        except StoppedEarly:
+            lane.fit.timings["end_at"] = time.perf_counter()
+            lane.outcome = lane.fit
+            stack.release(i)
         except Exception as e:
             lane.outcome = e
             if not isinstance(e, Interrupted):

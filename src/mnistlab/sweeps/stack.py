@@ -203,7 +203,11 @@ class Stack:
         optimizers: Sequence[torch.optim.Optimizer],
         regularizers: Sequence[Regularizer],
         generators: Sequence[torch.Generator],
+        clip_norms: Sequence[float | None] = (),
+        clip_values: Sequence[float | None] = (),
     ) -> None:
+        """``clip_norms`` and ``clip_values``: each copy's gradient clipping (None or empty:
+        none), applied by :meth:`step` to that copy's own gradient."""
         first = models[0]
         if len({signature(m) for m in models}) != 1 or signature(first) is None:
             raise ValueError("the models differ in layers or shapes, or cannot stack")
@@ -237,6 +241,14 @@ class Stack:
         self._stack_buffers(models, device)
         self._stack_regularizers(regularizers, named)
         self._stack_optimizers(optimizers, named)
+        self.clip_norm, self.clip_value = self._limits(clip_norms), self._limits(clip_values)
+
+    def _limits(self, limits: Sequence[float | None]) -> Tensor | None:
+        """Per-copy clipping limits ``[G]`` (inf: that copy clips nothing); None: no copy clips."""
+        if all(v is None for v in limits):
+            return None
+        values = [math.inf if v is None else float(v) for v in limits]
+        return torch.tensor(values, device=self.flat.device)
 
     def _pieces(self, flat: Tensor) -> list[Tensor]:
         """``flat`` cut into the parameters, each ``[G, *shape]``."""
@@ -361,6 +373,36 @@ class Stack:
                 opt.state[p] = entry
 
     @torch.no_grad()
+    def release(self, lane: int) -> None:
+        """Copy ``lane`` out of the stack, then drop it: its module and optimizer keep the
+        weights, BN statistics and state they ended with (a copy that stopped early is
+        evaluated and summarised after the others have trained on)."""
+        model, optimizer = self.models[lane], self.optimizers[lane]
+        for t in [*model.parameters(), *model.buffers()]:
+            t.data = t.data.clone()
+        for state in optimizer.state.values():
+            for k, v in state.items():
+                if isinstance(v, Tensor):
+                    state[k] = v.clone()
+        self.drop(lane)
+
+    @torch.no_grad()
+    def clip(self) -> None:
+        """Each copy's gradient clipped as ``clip_grad_value_`` and then ``clip_grad_norm_``
+        would clip the copy's alone: elementwise by its value, then scaled by its own norm
+        (over the flat gradient's entries of its lane), never by the group's."""
+        grad = self.grad
+        if self.clip_value is not None:
+            limit = self.clip_value[self.lane_of]
+            torch.minimum(grad, limit, out=grad)
+            torch.maximum(grad, -limit, out=grad)
+        if self.clip_norm is not None:
+            squares = [piece.flatten(1).pow(2).sum(1) for piece in self._pieces(grad)]
+            norms = torch.stack(squares).sum(0).sqrt()  # [G]
+            coef = (self.clip_norm / (norms + 1e-6)).clamp(max=1.0)  # torch's own rule
+            grad.mul_(coef[self.lane_of])
+
+    @torch.no_grad()
     def drop(self, lane: int) -> None:
         """Reset copy ``lane``: zero weights and optimizer state, BN statistics as new. A copy
         that ended (diverged, or failed) trains on so at rate 0: nothing non-finite runs
@@ -430,8 +472,10 @@ class Stack:
 
     @torch.no_grad()
     def step(self, lrs: Sequence[float]) -> None:
-        """One optimizer step for every copy at its own rate, then the update-side
-        regularizer (decoupled decay, proximal L1) at the same rate; clears the gradients."""
+        """One optimizer step for every copy at its own rate (its gradient clipped first, if
+        it asks), then the update-side regularizer (decoupled decay, proximal L1) at the same
+        rate; clears the gradients."""
+        self.clip()  # the window's whole gradient, once, before the update
         p, grad, first = self.flat, self.grad, not self.state
         lr = self.rates(lrs)
         self.step_counts.add_(1)

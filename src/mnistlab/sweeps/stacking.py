@@ -54,6 +54,10 @@ FREE = (
     "regularizer.l2",
     "regularizer.dropout",
     "model.bn_momentum",
+    "trainer.grad_clip_norm",  # each copy clips its own gradient (Stack.clip)
+    "trainer.grad_clip_value",
+    "trainer.early_stopping.patience",  # each copy stops alone (lockstep: released)
+    "trainer.early_stopping.min_delta",
 )
 
 
@@ -134,8 +138,11 @@ def group_key(config: DictConfig, task_cfg: DictConfig) -> str | None:
     if layers is None:
         return None
     for key in FREE:
-        node, _, leaf = key.rpartition(".")
-        task[node].pop(leaf, None)
+        *path, leaf = key.split(".")
+        node = task
+        for part in path:
+            node = node.get(part, {})
+        node.pop(leaf, None)
     return json.dumps([task, layers], sort_keys=True, default=str)
 
 
