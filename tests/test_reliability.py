@@ -83,6 +83,12 @@ def test_wandb_online_from_the_environment_without_a_key(tmp_path: Path) -> None
     assert not (tmp_path / "run" / "wandb").exists()
 
 
+def test_a_wandb_variable_wandb_refuses_is_one_line(tmp_path: Path) -> None:
+    env = dict(no_credentials_env(tmp_path), WANDB_MODE="")  # set, but empty
+    p = run_app(tmp_path / "run", *FAST, "logger=wandb", env=env)
+    assert_one_line_error(p, "W&B refuses its settings from the environment", "mode")
+
+
 def test_a_bad_distributed_timeout_names_its_variable(tmp_path: Path) -> None:
     env = {"MNISTLAB_DIST_TIMEOUT_S": "abc"}
     p = app(tmp_path / "run", "trainer.devices=2", *FAST, env=env)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from mnistlab.config.schema import uses
+from mnistlab.core.errors import UserError
 from mnistlab.core.files import flatten, jsonable
 from mnistlab.logger import wandb_run
 from mnistlab.logger.tensorboard_sink import TensorBoardSink
@@ -155,7 +156,12 @@ def wandb_credentials() -> bool:
         from wandb.sdk.lib import wbauth
     except ImportError:  # older wandb: the same three places, read by hand
         return bool(os.environ.get("WANDB_API_KEY") or wandb.api.api_key)
-    settings = wandb_setup.singleton().settings
+    try:
+        settings = wandb_setup.singleton().settings
+    except Exception as e:  # W&B's settings read the WANDB_* variables, and refuse bad ones
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()][:3]
+        why = ": ".join(ln.split(" [type=")[0] for ln in lines) or type(e).__name__
+        raise UserError(f"W&B refuses its settings from the environment (WANDB_*): {why}") from None
     try:
         auth = wbauth.authenticate_session(
             host=settings.base_url, source="mnistlab", prompt=False, update_session=False
