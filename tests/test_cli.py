@@ -17,7 +17,7 @@ from hydra import compose, initialize_config_dir
 
 from mnistlab.config import CONF_DIR, register, validate
 
-from support import ROOT, read_jsonl, read_summary, run_app
+from support import ROOT, app, read_jsonl, read_summary
 
 SCRIPTS = (
     "mnistlab-train",
@@ -73,19 +73,28 @@ def test_console_scripts_work_from_any_folder(tmp_path: Path) -> None:
     assert report["metrics"]["test/acc"] == summary["final"]["test/acc"]
 
 
-def test_tab_completion_through_the_console_script(tmp_path: Path) -> None:
+def test_tab_completion_through_the_console_script(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Hydra's bash completion: the install snippet names the script; queries complete keys,
-    group options and the debug presets, whatever the current folder."""
+    group options and the debug presets, whatever the current folder (one query through the
+    console script, the others through the same app in this process)."""
     train = script("mnistlab-train")
     install = call([train, "-sc", "install=bash"], tmp_path)
     assert install.returncode == 0, install.stderr
     assert "complete -o nospace -o default -F hydra_bash_completion mnistlab-train" in (
         install.stdout
     )
+    env = dict(os.environ, COMP_LINE="mnistlab-train +debug=", COMP_POINT="0")
+    p = call([train, "-sc", "query=bash"], tmp_path, env)
+    assert p.returncode == 0, p.stderr
+    assert "+debug=overfit" in p.stdout.split()
+
+    monkeypatch.chdir(tmp_path)
 
     def query(line: str) -> list[str]:
-        env = dict(os.environ, COMP_LINE=f"mnistlab-train {line}", COMP_POINT="0")
-        p = call([train, "-sc", "query=bash"], tmp_path, env)
+        env = {"COMP_LINE": f"mnistlab-train {line}", "COMP_POINT": "0"}
+        p = app(tmp_path / "run", flags=("-sc", "query=bash"), env=env)
         assert p.returncode == 0, p.stderr
         return p.stdout.split()
 
@@ -96,7 +105,7 @@ def test_tab_completion_through_the_console_script(tmp_path: Path) -> None:
 
 
 def test_help_names_groups_keys_and_examples(tmp_path: Path) -> None:
-    p = run_app(tmp_path / "run", "trainer.epochs=7", "+debug=fast", flags=("--help",))
+    p = app(tmp_path / "run", "trainer.epochs=7", "+debug=fast", flags=("--help",))
     assert p.returncode == 0, p.stderr
     out = p.stdout
     assert "Powered by Hydra" not in out  # mnistlab's own help, not Hydra's generic text
@@ -137,7 +146,7 @@ def test_debug_presets_compose() -> None:
 
 def test_debug_fast_is_one_short_epoch_without_wandb(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    p = run_app(run, "+debug=fast", "trainer.num_threads=1")
+    p = app(run, "+debug=fast", "trainer.num_threads=1")
     assert p.returncode == 0, p.stderr
     s = read_summary(run)
     assert s["status"] == "completed" and s["accounting_matches_plan"]
@@ -150,7 +159,7 @@ def test_debug_fast_is_one_short_epoch_without_wandb(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_debug_overfit_drives_the_loss_to_zero(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    p = run_app(run, "+debug=overfit", "trainer.num_threads=1")
+    p = app(run, "+debug=overfit", "trainer.num_threads=1")
     assert p.returncode == 0, p.stderr
     s = read_summary(run)
     assert s["plan"]["num_samples"] == 32 and s["counted"]["total_steps"] == 100
