@@ -1,6 +1,5 @@
-"""The Hydra app end to end, on the bundled digits and generated IDX files: called in this
-process (:func:`support.app`), and as ``python -m mnistlab.train`` where the process's own
-start is part of what is measured."""
+"""The Hydra app end to end, on the bundled digits and generated IDX files, called in this
+process (:func:`support.app`)."""
 
 from __future__ import annotations
 
@@ -10,7 +9,7 @@ import pytest
 
 from mnistlab import plan as plan_command
 
-from support import app, read_jsonl, read_summary, run_app
+from support import app, read_jsonl, read_summary
 
 FAST = ("trainer.epochs=2", "trainer.num_threads=1", "logger=none")
 
@@ -37,15 +36,8 @@ def test_run_writes_files_and_counts_match_plan(tmp_path: Path) -> None:
     assert "Running training" in (run / "train.log").read_text()
 
 
-@pytest.mark.slow
-def test_default_job_reaches_95_percent(tmp_path: Path) -> None:
-    """What `make train` runs (W&B off so the suite never needs the network), as a process of
-    its own: ``wall_s`` counts from the app's import, so the start-up is in the minute."""
-    p = run_app(tmp_path / "run", "logger=none")
-    assert p.returncode == 0, p.stderr
-    s = read_summary(tmp_path / "run")
-    assert s["final"]["test/acc"] >= 0.95
-    assert s["timings"]["wall_s"] < 60
+# What `make train` runs, the default job, reaches 95% in under a minute from the process's
+# start: test_cli's console scripts train it.
 
 
 def test_same_seed_gives_identical_metrics(tmp_path: Path) -> None:

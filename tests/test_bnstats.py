@@ -8,6 +8,7 @@ import math
 import os
 import socket
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,14 @@ from mnistlab.bn.theory import folded_mean, init_weight, noise_factor
 from mnistlab.engine.models import bn_layers
 from mnistlab.engine.steps import Cadence
 
-from support import ROOT, app, png_size, read_jsonl, read_summary
+from support import ROOT, TorchThreads, app, png_size, read_jsonl, read_summary
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny tensors: one torch thread each test (see ``support.TorchThreads``)."""
+    with TorchThreads(1):
+        yield
 
 
 def _model(momentum: float | None = 0.1) -> nn.Sequential:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,15 @@ from torch import nn
 from mnistlab.config import ModelConfig, RegularizerConfig
 from mnistlab.engine import models, regularizers
 
-from support import app, read_jsonl, read_summary
+from support import TorchThreads, app, read_jsonl, read_summary
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny tensors: one torch thread each test (see ``support.TorchThreads``)."""
+    with TorchThreads(1):
+        yield
+
 
 QUIET = ("trainer.num_threads=1", "logger=none", "trainer.progress=none")
 

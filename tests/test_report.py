@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,15 @@ from mnistlab.engine import loop
 from mnistlab.engine.steps import StepPlan
 from mnistlab.results import pictures, reports, series
 
-from support import ROOT, app, png_size, read_jsonl, read_summary
+from support import ROOT, TorchThreads, app, png_size, read_jsonl, read_summary
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny tensors: one torch thread each test (see ``support.TorchThreads``)."""
+    with TorchThreads(1):
+        yield
+
 
 PLANS = [
     StepPlan(1437, 2, 32, 1, 1, False),  # the default: a short last micro-batch
@@ -163,7 +172,7 @@ def test_the_command_exits_2_without_a_traceback(tmp_path: Path) -> None:
 
 # ----------------------------------------------------------------------------- real runs
 
-TINY = ("logger=none", "trainer.progress=none", "dataset.limit_train=400")
+TINY = ("logger=none", "trainer.progress=none", "dataset.limit_train=400", "trainer.num_threads=1")
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,15 @@ from mnistlab.engine.steps import Cadence, StepPlan
 from mnistlab.plan import main as plan_main
 
 from faults import KillAfterSave, KillAtMicroBatch, override
-from support import app, read_jsonl, read_summary, run_app
+from support import TorchThreads, app, read_jsonl, read_summary, run_app
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny tensors: one torch thread each test (see ``support.TorchThreads``)."""
+    with TorchThreads(1):
+        yield
+
 
 LR = 0.1
 

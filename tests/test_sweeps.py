@@ -40,13 +40,14 @@ def sweep(
     return app(sweep_dir, *overrides, env=env, multirun=True)
 
 
+COMMON = ("trainer.epochs=2", "trainer.num_threads=1")
+
+
 @pytest.fixture(scope="module")
 def ok_sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
     """Two jobs on the default data and the default logger (W&B, mode auto)."""
     tmp = tmp_path_factory.mktemp("ok")
-    proc = sweep(
-        tmp / "sweep", "trainer.epochs=2", "optimizer.lr=0.02,0.05", env=no_credentials_env(tmp)
-    )
+    proc = sweep(tmp / "sweep", *COMMON, "optimizer.lr=0.02,0.05", env=no_credentials_env(tmp))
     return tmp / "sweep", proc
 
 
@@ -54,9 +55,7 @@ def ok_sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
 def failing_sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
     """Two jobs; the second diverges at once (lr=1e30 makes the loss NaN)."""
     tmp = tmp_path_factory.mktemp("fail")
-    proc = sweep(
-        tmp / "sweep", "trainer.epochs=2", "optimizer.lr=0.05,1e30", env=no_credentials_env(tmp)
-    )
+    proc = sweep(tmp / "sweep", *COMMON, "optimizer.lr=0.05,1e30", env=no_credentials_env(tmp))
     return tmp / "sweep", proc
 
 
@@ -183,7 +182,9 @@ def test_compare_several_sweeps_single_runs_and_the_module_entry(
     assert accs == sorted(accs, reverse=True)
 
     columns, rows = folders.table([ok_sweep[0] / "1"])
-    assert [r["overrides"] for r in rows] == ["trainer.epochs=2 optimizer.lr=0.05"]
+    assert [r["overrides"] for r in rows] == [
+        "trainer.epochs=2 trainer.num_threads=1 optimizer.lr=0.05"
+    ]
     assert "overrides" in columns
 
     proc = subprocess.run(
