@@ -179,3 +179,26 @@ def assert_one_line_error(p: subprocess.CompletedProcess[str], *needles: str) ->
     for needle in needles:
         assert needle in lines[0], lines[0]
     return lines[0]
+
+
+# --- app & sweeps helpers
+
+
+class TorchThreads:
+    """``with TorchThreads(n):`` torch's intra-op thread count is ``n`` inside the block, the
+    process's own after it. Tests of tiny tensors use one: on a small shared CPU, OpenMP threads
+    spin waiting for descheduled partners (the Monte Carlo BN tests ran 20x slower with two)."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.saved = n, 0
+
+    def __enter__(self) -> None:
+        import torch
+
+        self.saved = torch.get_num_threads()
+        torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc: object) -> None:
+        import torch
+
+        torch.set_num_threads(self.saved)

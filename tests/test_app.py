@@ -1,20 +1,22 @@
-"""The Hydra app end to end, in subprocesses, on the bundled digits and generated IDX files."""
+"""The Hydra app end to end, on the bundled digits and generated IDX files, called in this
+process (:func:`support.app`)."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-from support import ROOT, read_jsonl, read_summary, run_app
+from mnistlab import plan as plan_command
+
+from support import app, read_jsonl, read_summary
 
 FAST = ("trainer.epochs=2", "trainer.num_threads=1", "logger=none")
 
 
 def test_run_writes_files_and_counts_match_plan(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    p = run_app(run, *FAST, "trainer.grad_accum=3", "trainer.batch_size=50")
+    p = app(run, *FAST, "trainer.grad_accum=3", "trainer.batch_size=50")
     assert p.returncode == 0, p.stderr
     for name in ("train.log", "metrics.jsonl", "summary.json", ".hydra/config.yaml"):
         assert (run / name).is_file(), name
@@ -34,22 +36,19 @@ def test_run_writes_files_and_counts_match_plan(tmp_path: Path) -> None:
     assert "Running training" in (run / "train.log").read_text()
 
 
-@pytest.mark.slow
-def test_default_job_reaches_95_percent(tmp_path: Path) -> None:
-    """What `make train` runs (W&B off so the suite never needs the network)."""
-    p = run_app(tmp_path / "run", "logger=none")
-    assert p.returncode == 0, p.stderr
-    s = read_summary(tmp_path / "run")
-    assert s["final"]["test/acc"] >= 0.95
-    assert s["timings"]["wall_s"] < 60
+# What `make train` runs, the default job, reaches 95% in under a minute from the process's
+# start: test_cli's console scripts train it.
 
 
 def test_same_seed_gives_identical_metrics(tmp_path: Path) -> None:
     args = (*FAST, "trainer.grad_accum=2", "regularizer=dropout", "trainer.seed=7")
-    a, b = run_app(tmp_path / "a", *args), run_app(tmp_path / "b", *args)
+    # two runs in one process: the second starts from whatever random state the first left
+    a, b = app(tmp_path / "a", *args), app(tmp_path / "b", *args)
     assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
+    rows = read_jsonl(tmp_path / "a/metrics.jsonl")
+    assert any("bn/gap_mean" in r for r in rows)  # the BN measurements are compared too
     assert (tmp_path / "a/metrics.jsonl").read_text() == (tmp_path / "b/metrics.jsonl").read_text()
-    other = run_app(tmp_path / "c", *FAST, "trainer.grad_accum=2", "trainer.seed=8")
+    other = app(tmp_path / "c", *FAST, "trainer.grad_accum=2", "trainer.seed=8")
     assert (tmp_path / "c/metrics.jsonl").read_text() != (tmp_path / "a/metrics.jsonl").read_text()
     assert other.returncode == 0
 
@@ -70,7 +69,7 @@ BAD = [
 
 @pytest.mark.parametrize(("override", "key"), BAD)
 def test_range_errors_are_one_line(tmp_path: Path, override: str, key: str) -> None:
-    p = run_app(tmp_path / "run", *FAST, override)
+    p = app(tmp_path / "run", *FAST, override)
     assert p.returncode != 0
     assert "Traceback" not in p.stderr + p.stdout
     errors = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
@@ -79,7 +78,7 @@ def test_range_errors_are_one_line(tmp_path: Path, override: str, key: str) -> N
 
 
 def test_batch_larger_than_shard_with_drop_last(tmp_path: Path) -> None:
-    p = run_app(
+    p = app(
         tmp_path / "run",
         *FAST,
         "dataset.limit_train=100",
@@ -91,7 +90,7 @@ def test_batch_larger_than_shard_with_drop_last(tmp_path: Path) -> None:
 
 
 def test_torchvision_dataset_through_the_app(tmp_path: Path, mnist_root: Path) -> None:
-    p = run_app(
+    p = app(
         tmp_path / "run",
         *FAST,
         "dataset=fashion_mnist",
@@ -108,7 +107,7 @@ def test_torchvision_dataset_through_the_app(tmp_path: Path, mnist_root: Path) -
 
 
 def test_missing_dataset_is_one_line(tmp_path: Path) -> None:
-    p = run_app(
+    p = app(
         tmp_path / "run",
         *FAST,
         "dataset=mnist",
@@ -120,10 +119,10 @@ def test_missing_dataset_is_one_line(tmp_path: Path) -> None:
 
 
 def test_cfg_job_and_help(tmp_path: Path) -> None:
-    p = run_app(tmp_path / "run", "model=cnn", "trainer.grad_accum=4", flags=("--cfg", "job"))
+    p = app(tmp_path / "run", "model=cnn", "trainer.grad_accum=4", flags=("--cfg", "job"))
     assert p.returncode == 0
     assert "grad_accum: 4" in p.stdout and "name: cnn" in p.stdout
-    h = run_app(tmp_path / "run", flags=("--help",))
+    h = app(tmp_path / "run", flags=("--help",))
     assert h.returncode == 0
     for group in ("dataset", "model", "regularizer", "optimizer", "trainer", "logger"):
         assert group in h.stdout
@@ -132,52 +131,41 @@ def test_cfg_job_and_help(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_multirun_writes_one_folder_per_job(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
-    p = run_app(
-        tmp_path / "unused",
-        *FAST,
-        "trainer.grad_accum=1,2",
-        f"hydra.sweep.dir={sweep}",
-        flags=("-m",),
-    )
+    p = app(sweep, *FAST, "trainer.grad_accum=1,2", multirun=True)
     assert p.returncode == 0, p.stderr
     steps = sorted(read_summary(sweep / str(i))["counted"]["total_steps"] for i in (0, 1))
     assert steps == [42, 82]  # 1293 training digits at batch 32: 41 micro-batches an epoch
     assert (sweep / "sweep_summary.csv").is_file()
 
 
-def test_plan_cli(tmp_path: Path) -> None:
-    import subprocess
-
-    def plan(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "mnistlab.plan", *args],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            check=False,
-        )
+def test_plan_cli(capsys: pytest.CaptureFixture[str]) -> None:
+    def plan(*args: str) -> tuple[int, str, str]:
+        code = plan_command.main(list(args))
+        out, err = capsys.readouterr()
+        return code, out, err
 
     # 1000 samples less the validation part (100): N = 900
-    p = plan("dataset.limit_train=1000", "trainer.batch_size=100", "trainer.epochs=1")
-    assert "Num examples (N)                      = 900" in p.stdout
-    assert "Iterations (micro-batches) per epoch  = 9" in p.stdout
-    assert "Optimizer steps per epoch             = 9" in p.stdout
-    p = plan(
+    code, out, _ = plan("dataset.limit_train=1000", "trainer.batch_size=100", "trainer.epochs=1")
+    assert code == 0
+    assert "Num examples (N)                      = 900" in out
+    assert "Iterations (micro-batches) per epoch  = 9" in out
+    assert "Optimizer steps per epoch             = 9" in out
+    _, out, _ = plan(
         "dataset.limit_train=1000",
         "trainer.batch_size=100",
         "trainer.epochs=1",
         "trainer.grad_accum=2",
     )
-    assert "Optimizer steps per epoch             = 5" in p.stdout  # windows 2,2,2,2,1
-    p = plan(
+    assert "Optimizer steps per epoch             = 5" in out  # windows 2,2,2,2,1
+    _, out, _ = plan(
         "dataset=mnist",
         "trainer.batch_size=64",
         "trainer.epochs=10",
         "trainer.devices=8",
         "trainer.num_nodes=2",
     )
-    assert "World size (devices)                  = 16" in p.stdout
+    assert "World size (devices)                  = 16" in out
     # 54000 to train (6000 validate): ceil(3375/64) = 53 per epoch
-    assert "Total optimizer steps                 = 530" in p.stdout
-    bad = plan("trainer.nope=1")
-    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "trainer.nope" in bad.stderr
+    assert "Total optimizer steps                 = 530" in out
+    code, _, err = plan("trainer.nope=1")
+    assert code == 2 and err.count("\n") == 1 and "trainer.nope" in err

@@ -8,6 +8,7 @@ import math
 import os
 import socket
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,14 @@ from mnistlab.bn.theory import folded_mean, init_weight, noise_factor
 from mnistlab.engine.models import bn_layers
 from mnistlab.engine.steps import Cadence
 
-from support import ROOT, png_size, read_jsonl, read_summary, run_app
+from support import ROOT, TorchThreads, app, png_size, read_jsonl, read_summary
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny tensors: one torch thread each test (see ``support.TorchThreads``)."""
+    with TorchThreads(1):
+        yield
 
 
 def _model(momentum: float | None = 0.1) -> nn.Sequential:
@@ -397,7 +405,7 @@ def test_default_run_logs_bn_gaps_and_summary(tmp_path: Path) -> None:
     a, b = tmp_path / "a", tmp_path / "b"
     overrides = ("trainer.epochs=3", "trainer.progress=none", "trainer.num_threads=1")
     for run_dir in (a, b):
-        proc = run_app(run_dir, *overrides)
+        proc = app(run_dir, *overrides)
         assert proc.returncode == 0, proc.stderr[-2000:]
     rows = _bn_rows(a)
     s = read_summary(a)
@@ -417,7 +425,7 @@ def test_default_run_logs_bn_gaps_and_summary(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_recalibrate_and_grad_accum_end_to_end(tmp_path: Path) -> None:
-    proc = run_app(
+    proc = app(
         tmp_path,
         "trainer.epochs=2",
         "trainer.grad_accum=3",

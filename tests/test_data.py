@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,15 @@ import torch
 from mnistlab.config import DatasetConfig
 from mnistlab.core.errors import ConfigError
 from mnistlab.engine import data
+
+from support import TorchThreads
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny tensors: one torch thread each test (see ``support.TorchThreads``)."""
+    with TorchThreads(1):
+        yield
 
 
 def test_digits_split_is_fixed_stratified_and_normalized() -> None:

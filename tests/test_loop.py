@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
+import pytest
 import torch
 from torch import nn
 
@@ -10,6 +13,15 @@ from mnistlab.engine.loop import Loop, LoopConfig
 from mnistlab.engine.regularizers import Regularizer
 from mnistlab.engine.steps import Cadence, StepCounter, StepPlan
 from mnistlab.logger.sinks import Sinks
+
+from support import TorchThreads
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny tensors: one torch thread each test (see ``support.TorchThreads``)."""
+    with TorchThreads(1):
+        yield
 
 
 def fit(model: nn.Module, opt: torch.optim.Optimizer, plan: StepPlan, split: Split) -> StepCounter:

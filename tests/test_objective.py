@@ -15,7 +15,7 @@ from mnistlab.engine import data
 from mnistlab.plan import CONF_DIR, plan_from_overrides
 from mnistlab.results import folders
 
-from support import read_jsonl, read_summary, run_app
+from support import app, read_jsonl, read_summary
 
 QUICK = ("trainer.epochs=2", "dataset.limit_train=500", "trainer.num_threads=1", "logger=none")
 
@@ -56,7 +56,7 @@ def test_default_objective_and_what_turns_the_split_off() -> None:
 
 
 def test_a_run_evaluates_the_validation_part_and_returns_the_objective(tmp_path: Path) -> None:
-    p = run_app(tmp_path, *QUICK)
+    p = app(tmp_path, *QUICK)
     assert p.returncode == 0, p.stderr[-2000:]
     s = read_summary(tmp_path)
     evals = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "test/acc" in r]
@@ -86,7 +86,7 @@ def test_sweep_summary_puts_the_objective_beside_status() -> None:
 @pytest.mark.slow
 def test_sweep_summary_csv_has_the_objective_column(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
-    p = run_app(sweep, *QUICK, "optimizer.lr=0.01,0.1", "objective.metric=val/loss",
+    p = app(sweep, *QUICK, "optimizer.lr=0.01,0.1", "objective.metric=val/loss",
                 "objective.direction=minimize", multirun=True)  # fmt: skip
     assert p.returncode == 0, p.stderr[-3000:]
     with (sweep / "sweep_summary.csv").open() as f:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,15 @@ from torch import nn
 from mnistlab.config import ModelConfig, RegularizerConfig
 from mnistlab.engine import models, regularizers
 
-from support import read_jsonl, read_summary, run_app
+from support import TorchThreads, app, read_jsonl, read_summary
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny tensors: one torch thread each test (see ``support.TorchThreads``)."""
+    with TorchThreads(1):
+        yield
+
 
 QUIET = ("trainer.num_threads=1", "logger=none", "trainer.progress=none")
 
@@ -70,16 +79,26 @@ def test_dropout_changes_train_outputs_and_eval_is_deterministic() -> None:
     assert any(isinstance(m, nn.Dropout) for m in cnn.modules())
 
 
+@pytest.fixture(scope="module")
+def five_way(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The README's sweep (``make readme-table``): the five regularizers on the default config,
+    each job's folder by its regularizer's name."""
+    sweep = tmp_path_factory.mktemp("regularizers") / "sweep"
+    p = app(sweep, *QUIET, "regularizer=none,l1,l2,dropout,elastic", multirun=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    jobs = [sweep / str(job) for job in range(5)]
+    return {read_summary(job)["config"]["regularizer"]["name"]: job for job in jobs}
+
+
 @pytest.mark.slow
-def test_effects_on_the_default_config(tmp_path: Path) -> None:
+def test_effects_on_the_default_config(five_way: dict[str, Path], tmp_path: Path) -> None:
     """Proximal L1 at the documented lambda (2e-2) zeros >= 30% of weights; L2 shrinks norms."""
-    results = {}
-    for name in ("none", "l1", "l2", "l2_decoupled", "l1_penalty"):
-        extra = {
-            "l2_decoupled": ("regularizer=l2", "regularizer.l2_mode=decoupled"),
-            "l1_penalty": ("regularizer=l1", "regularizer.l1_mode=penalty"),
-        }.get(name, (f"regularizer={name}",))
-        p = run_app(tmp_path / name, *QUIET, *extra)
+    results = {name: read_summary(five_way[name])["final"] for name in ("none", "l1", "l2")}
+    for name, extra in {
+        "l2_decoupled": ("regularizer=l2", "regularizer.l2_mode=decoupled"),
+        "l1_penalty": ("regularizer=l1", "regularizer.l1_mode=penalty"),
+    }.items():
+        p = app(tmp_path / name, *QUIET, *extra)
         assert p.returncode == 0, p.stderr
         results[name] = read_summary(tmp_path / name)["final"]
     assert results["l1"]["weights/sparsity_exact"] >= 0.30
@@ -94,22 +113,11 @@ def test_effects_on_the_default_config(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_five_way_sweep(tmp_path: Path) -> None:
-    sweep = tmp_path / "sweep"
-    p = run_app(
-        tmp_path / "unused",
-        *QUIET,
-        "trainer.epochs=3",
-        "regularizer=none,l1,l2,dropout,elastic",
-        f"hydra.sweep.dir={sweep}",
-        flags=("-m",),
-    )
-    assert p.returncode == 0, p.stderr
-    names = set()
-    for job in range(5):
-        s = read_summary(sweep / str(job))
+def test_five_way_sweep(five_way: dict[str, Path]) -> None:
+    assert set(five_way) == {"none", "l1", "l2", "dropout", "elastic"}
+    for job in five_way.values():
+        s = read_summary(job)
         assert s["status"] == "completed"
-        names.add(s["config"]["regularizer"]["name"])
         for key in (
             "reg/penalty",
             "weights/l1_norm",
@@ -121,7 +129,6 @@ def test_five_way_sweep(tmp_path: Path) -> None:
             "train_test_gap",
         ):
             assert key in s["final"], key
-    assert names == {"none", "l1", "l2", "dropout", "elastic"}
 
 
 @pytest.mark.parametrize(
@@ -134,7 +141,7 @@ def test_five_way_sweep(tmp_path: Path) -> None:
     ],
 )
 def test_bad_values_fail_in_one_line(tmp_path: Path, override: str, key: str) -> None:
-    p = run_app(tmp_path / "run", *QUIET, override)
+    p = app(tmp_path / "run", *QUIET, override)
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert next(ln for ln in p.stderr.splitlines() if ln.startswith("error:")).startswith(
         f"error: {key}="

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,15 @@ from mnistlab.engine import loop
 from mnistlab.engine.steps import StepPlan
 from mnistlab.results import pictures, reports, series
 
-from support import ROOT, png_size, read_jsonl, read_summary, run_app
+from support import ROOT, TorchThreads, app, png_size, read_jsonl, read_summary
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny tensors: one torch thread each test (see ``support.TorchThreads``)."""
+    with TorchThreads(1):
+        yield
+
 
 PLANS = [
     StepPlan(1437, 2, 32, 1, 1, False),  # the default: a short last micro-batch
@@ -163,14 +172,14 @@ def test_the_command_exits_2_without_a_traceback(tmp_path: Path) -> None:
 
 # ----------------------------------------------------------------------------- real runs
 
-TINY = ("logger=none", "trainer.progress=none", "dataset.limit_train=400")
+TINY = ("logger=none", "trainer.progress=none", "dataset.limit_train=400", "trainer.num_threads=1")
 
 
 @pytest.mark.slow
 def test_report_true_writes_the_pictures_of_a_real_run(tmp_path: Path) -> None:
     run = tmp_path / "run"
     extra = ("trainer.epochs=2", "report=true", "regularizer=l1", "bn_stats.recalibrate=true")
-    proc = run_app(run, *TINY, *extra)
+    proc = app(run, *TINY, *extra)
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary, rows = read_summary(run), read_jsonl(run / "metrics.jsonl")
     assert summary["timings"]["report_s"] > 0
@@ -206,7 +215,7 @@ def test_a_failing_report_costs_a_warning_not_the_run(tmp_path: Path) -> None:
     run = tmp_path / "run"
     run.mkdir()
     (run / "report").write_text("a file where the report folder should go")
-    proc = run_app(run, *TINY, "trainer.epochs=1", "report=true")
+    proc = app(run, *TINY, "trainer.epochs=1", "report=true")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert read_summary(run)["status"] == "completed"
     output = (proc.stdout + proc.stderr).splitlines()  # Hydra logs to stdout
@@ -215,17 +224,17 @@ def test_a_failing_report_costs_a_warning_not_the_run(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_sweep_reports_momenta_steps_and_regularizers(tmp_path: Path) -> None:
+def test_sweep_reports_momenta_steps_and_regularizers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     bn_sweep, mixed = tmp_path / "bn", tmp_path / "mixed"
-    proc = run_app(bn_sweep, *TINY, "trainer.epochs=2", "model.bn_momentum=0.1,null", multirun=True)
+    proc = app(bn_sweep, *TINY, "trainer.epochs=2", "model.bn_momentum=0.1,null", multirun=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     grid = ("regularizer=none,l1", "trainer.grad_accum=1,2", "trainer.epochs=1")
-    proc = run_app(mixed, *TINY, *grid, multirun=True)
+    proc = app(mixed, *TINY, *grid, multirun=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    cmd = [sys.executable, "-m", "mnistlab.report"]
     for args in ([str(bn_sweep), "--each"], [str(mixed)]):  # --each: every job's report too
-        proc = subprocess.run([*cmd, *args], capture_output=True, text=True, cwd=ROOT)
-        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert report.main(args) == 0, capsys.readouterr().err[-2000:]
     assert_pngs(bn_sweep / "report", ["bn_momentum.png", "test_acc.png"])
     assert not (bn_sweep / "report" / "steps.png").exists()  # one batch shape: nothing to compare
     assert_pngs(mixed / "report", ["steps.png", "regularization.png", "test_acc.png"])
@@ -243,10 +252,8 @@ def test_sweep_reports_momenta_steps_and_regularizers(tmp_path: Path) -> None:
         r.summary["plan"]["total_micro_batches"] for r in runs
     ]
     # the table: one row per job, its value from its summary
-    table = subprocess.run(
-        [*cmd, str(bn_sweep), "--table"], capture_output=True, text=True, cwd=ROOT
-    )
-    assert table.returncode == 0, table.stderr
-    body = [ln for ln in table.stdout.splitlines() if ln.startswith("| ")][1:]
+    capsys.readouterr()
+    assert report.main([str(bn_sweep), "--table"]) == 0
+    body = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ")][1:]
     accs = [f"{read_summary(bn_sweep / j)['final']['test/acc']:.4f}" for j in ("0", "1")]
     assert [ln.split(" | ")[1] for ln in body] == accs

@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,15 @@ from mnistlab.engine.steps import Cadence, StepPlan
 from mnistlab.plan import main as plan_main
 
 from faults import KillAfterSave, KillAtMicroBatch, override
-from support import read_jsonl, read_summary, run_app
+from support import TorchThreads, app, read_jsonl, read_summary, run_app
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny tensors: one torch thread each test (see ``support.TorchThreads``)."""
+    with TorchThreads(1):
+        yield
+
 
 LR = 0.1
 
@@ -209,7 +218,8 @@ TINY = (
 )
 
 
-def app(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess[str]:
+def killed_app(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess[str]:
+    """The app in a process of its own, for the runs a fault SIGKILLs."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_SILENT="true", OMP_NUM_THREADS="1")
     return run_app(run_dir, *overrides, env=env)
 
@@ -228,7 +238,7 @@ def test_killed_and_resumed_run_logs_the_same_rates(uninterrupted: Path, tmp_pat
     # mid-window in epoch 1 (micro-batch 8); then right after the resumed run's first save
     kills = [override("kill", KillAtMicroBatch, at=8), override("kill", KillAfterSave, nth=1)]
     for i, fault in enumerate(kills):
-        p = app(run, *TINY, *(("trainer.resume=true",) if i else ()), *fault)
+        p = killed_app(run, *TINY, *(("trainer.resume=true",) if i else ()), *fault)
         assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
     p = app(run, *TINY, "trainer.resume=true")
     assert p.returncode == 0, p.stderr[-2000:]

@@ -2,7 +2,8 @@
 (``hydra/sweeper=optuna``): trials, failures, the best trial, and a search killed mid-trial
 that resumes.
 
-The studies are read back with Optuna's own API from the journal file in the sweep folder.
+The searches run in this process (:func:`support.app`) except where a trial kills its process;
+the studies are read back with Optuna's own API from the journal file in the sweep folder.
 """
 
 from __future__ import annotations
@@ -35,14 +36,20 @@ from mnistlab.sweeps.search import (
 )
 
 from faults import KillInJob, RaiseInJob, override
-from support import read_summary, run_app
+from support import app, read_summary, run_app
 
 FAST = ("trainer.epochs=1", "trainer.num_threads=1", "logger=none", "trainer.progress=none")
 JOB_NUM = "${hydra:job.num}"  # each job's own number, resolved inside the job
 
 
-def search(sweep_dir: Path, *overrides: str) -> subprocess.CompletedProcess[str]:
-    return run_app(sweep_dir, *FAST, *overrides, multirun=True, timeout=300)
+def search(
+    sweep_dir: Path, *overrides: str, process: bool = False
+) -> subprocess.CompletedProcess[str]:
+    """The search in this process, or (``process``) in a process of its own: one whose trial
+    may be SIGKILLed."""
+    if process:
+        return run_app(sweep_dir, *FAST, *overrides, multirun=True, timeout=300)
+    return app(sweep_dir, *FAST, *overrides, multirun=True)
 
 
 def load_study(sweep_dir: Path) -> optuna.Study:
@@ -182,7 +189,7 @@ def test_killed_search_resumes_where_it_stopped(tmp_path: Path) -> None:
         "hydra.sweeper.n_trials=3",
         *override("kill", KillInJob, job=JOB_NUM, kill=1, at=5),
     )
-    killed = search(sweep_dir, *command)
+    killed = search(sweep_dir, *command, process=True)
     assert killed.returncode == -9, killed.stderr[-3000:]
     study = load_study(sweep_dir)
     assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.RUNNING]
@@ -191,7 +198,7 @@ def test_killed_search_resumes_where_it_stopped(tmp_path: Path) -> None:
     before = (first.read_bytes(), first.stat().st_mtime_ns)
     interrupted = study.trials[1].params
 
-    resumed = search(sweep_dir, *command)
+    resumed = search(sweep_dir, *command, process=True)  # were trial 1 run again, it dies
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     trials = load_study(sweep_dir).trials
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL] + [

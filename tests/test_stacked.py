@@ -1,5 +1,5 @@
-"""``hydra/launcher=stacked`` end to end: the real app, a sweep trained as one stacked group,
-each job checked against the same job trained by Hydra's basic launcher."""
+"""``hydra/launcher=stacked`` end to end: the real app (in this process), a sweep trained as
+one stacked group, each job checked against the same job trained by Hydra's basic launcher."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 
 from mnistlab.engine import checkpoint
 
-from support import leet, no_credentials_env, read_jsonl, read_summary, run_app, wandb_run_dir
+from support import app, leet, no_credentials_env, read_jsonl, read_summary, wandb_run_dir
 
 # Small and fast: 1164 digits in the default split would do, 300 are enough; one row per step.
 SMALL = (
@@ -29,7 +29,7 @@ STACKED = ("hydra/launcher=stacked",)
 
 def sweep(where: Path, *overrides: str, env: dict[str, str] | None = None) -> list[Path]:
     """Run a sweep; its job folders in job order."""
-    p = run_app(where, *overrides, multirun=True, timeout=400, env=env)
+    p = app(where, *overrides, multirun=True, env=env)
     assert p.returncode == 0, p.stderr[-3000:]
     return sorted((d for d in where.iterdir() if d.name.isdigit()), key=lambda d: int(d.name))
 
@@ -101,7 +101,7 @@ def test_a_stacked_jobs_checkpoint_is_its_own_and_resumes_alone(
     # its own random stream: resuming it alone for one more epoch trains on (in a copy: the
     # sweep's folders are the other tests' too)
     job = Path(shutil.copytree(job, tmp_path / "job"))
-    p = run_app(job, "trainer.resume=true", "trainer.epochs=4", "logger=none")
+    p = app(job, "trainer.resume=true", "trainer.epochs=4", "logger=none")
     assert p.returncode == 0, p.stderr[-3000:]
     after = read_summary(job)
     assert after["status"] == "completed" and after["counted"]["epochs"] == 4
@@ -116,7 +116,7 @@ def test_a_diverging_job_stops_alone_and_its_group_trains_on(tmp_path: Path) -> 
     jobs = ("optimizer.lr=1e10,0.05,0.1", "logger=none")
     for launcher in ((), STACKED):  # a job did not complete: the sweep says so
         where = tmp_path / ("stacked" if launcher else "basic")
-        p = run_app(where, *SMALL, *jobs, *launcher, multirun=True, timeout=400)
+        p = app(where, *SMALL, *jobs, *launcher, multirun=True)
         assert p.returncode == 1, p.stderr[-3000:]
     basic = [tmp_path / "basic" / str(i) for i in range(3)]
     assert sweep_statuses(tmp_path / "stacked") == {

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -9,6 +11,15 @@ from torch.utils.data import DistributedSampler
 
 from mnistlab.engine.loop import epoch_order, micro_batches, windows
 from mnistlab.engine.steps import StepCounter, StepPlan
+
+from support import TorchThreads
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny tensors: one torch thread each test (see ``support.TorchThreads``)."""
+    with TorchThreads(1):
+        yield
 
 
 def sampler_order(plan: StepPlan, seed: int, epoch: int, rank: int) -> list[int]:

@@ -26,7 +26,10 @@ from support import leet, no_credentials_env, read_jsonl, read_summary, run_app,
 
 
 def loud_env(tmp: Path) -> dict[str, str]:
-    """No credentials, and W&B allowed to print (the suite's default silences it)."""
+    """No credentials, and W&B allowed to print (the suite's default silences it).
+
+    The runs that read W&B's console output are processes of their own: W&B settles whether
+    it may print once a process (a run in this process after a silent one prints nothing)."""
     env = no_credentials_env(tmp)
     env.pop("WANDB_SILENT")
     return env
