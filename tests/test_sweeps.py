@@ -60,18 +60,20 @@ def failing_sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
 
 
 @pytest.mark.slow
-def test_sweep_jobs_are_offline_wandb_runs_of_one_group(ok_sweep: tuple[Path, Any]) -> None:
+def test_sweep_jobs_are_offline_wandb_runs_grouped_by_configuration(
+    ok_sweep: tuple[Path, Any],
+) -> None:
     sweep_dir, proc = ok_sweep
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = [sweep_dir / str(i) for i in range(2)]
-    groups, names = set(), set()
+    groups, names = [], set()
     for job, lr in zip(jobs, (0.02, 0.05), strict=True):
         s = read_summary(job)
         assert s["status"] == "completed"
         run = wandb_run_dir(job)
         records = leet(run)
         (info,) = [r["run"] for r in records if r["type"] == "run"]
-        groups.add(info["run_group"])
+        groups.append(info["run_group"])
         names.add(info["display_name"])
         assert info["job_type"] == "train"
         assert info["display_name"] == f"optimizer.lr={lr}"  # only what the sweep varies
@@ -104,8 +106,8 @@ def test_sweep_jobs_are_offline_wandb_runs_of_one_group(ok_sweep: tuple[Path, An
         assert state["summary"]["test/acc"]["last"] == pytest.approx(s["final"]["test/acc"])
         assert state["summary"]["status"] == "completed"
         assert state["summary"]["counted/total_steps"] == s["counted"]["total_steps"]
-    (group,) = groups  # what the sweep varies and when it started, shared
-    assert group.startswith("optimizer.lr 20")
+    # one group per configuration: the job's overrides less what changes nothing trained
+    assert groups == [f"trainer.epochs=2,optimizer.lr={lr}" for lr in (0.02, 0.05)]
     assert len(names) == 2
     assert "wandb sync" in proc.stdout + proc.stderr  # how to upload the offline runs later
     rows = list(csv.DictReader((sweep_dir / "sweep_summary.csv").open()))

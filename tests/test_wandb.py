@@ -1,6 +1,7 @@
-"""What a W&B run holds: its short name and sweep group, best and final accuracy, the BN and
-plan tables, the gap chart, the report's pictures, Hydra's files and the checkpoint, and a
-quiet console. Real W&B offline, read back with W&B's own reader (``wandb leet inspect``)."""
+"""What a W&B run holds: its name and group from its overrides, best and final accuracy, the
+BN and plan tables, the gap chart, the report's pictures, Hydra's files and the checkpoint, and
+a quiet console by default. Real W&B offline, read back with W&B's own reader
+(``wandb leet inspect``)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ from support import leet, no_credentials_env, read_jsonl, read_summary, run_app,
 
 
 def loud_env(tmp: Path) -> dict[str, str]:
-    """No credentials, and W&B allowed to print (the suite's default silences it).
+    """No credentials, and no ``WANDB_SILENT`` (the suite's default): whether W&B prints is
+    then up to ``logger.wandb.quiet`` alone.
 
     The runs that read W&B's console output are processes of their own: W&B settles whether
     it may print once a process (a run in this process after a silent one prints nothing)."""
@@ -69,16 +71,19 @@ def test_swept_keys_from_the_composed_sweep_config() -> None:
     assert wandb_run.swept_keys(cfg) == ["trainer.seed", "x"]
 
 
-def test_short_names_and_sweep_groups(tmp_path: Path) -> None:
+def test_names_and_groups_from_overrides(tmp_path: Path) -> None:
     job = ["+experiment=bn_momentum", "trainer.epochs=1", "model.bn_momentum=0.1", "trainer.seed=1"]
-    assert wandb_run.short_name(job, ["model.bn_momentum", "trainer.seed"]) == (
-        "model.bn_momentum=0.1 trainer.seed=1"
-    )
-    assert wandb_run.short_name(job, []) == ""
+    name = wandb_run.label(wandb_run.chosen(job, keep=["model.bn_momentum", "trainer.seed"]))
+    assert name == "model.bn_momentum=0.1,trainer.seed=1"
+    assert wandb_run.label(wandb_run.chosen(job, keep=[])) == ""
+    # the group: less the seed and what changes nothing trained (a key or anything below it)
+    loud = [*job, "trainer.progress=bar", "logger.wandb.quiet=false", "logger=wandb", "report=true"]
+    grouped = wandb_run.chosen(loud, drop=wandb_run.NOT_TRAINED)
+    assert grouped == ["experiment=bn_momentum", "trainer.epochs=1", "model.bn_momentum=0.1"]
     many = [f"optimizer.lr={i / 7}" for i in range(6)]
-    name = wandb_run.short_name(many)
-    assert len(name) <= wandb_run.NAME_CHARS + len(" +9 more")
-    assert name.startswith(many[0]) and name.endswith(" more")
+    name = wandb_run.label(many)
+    assert len(name) <= wandb_run.LABEL_CHARS < len(",".join(many))
+    assert name.startswith(many[0]) and name.endswith(" more") and "#" not in name
     kept = name.count("optimizer.lr=")
     assert name.endswith(f" +{6 - kept} more") and 1 <= kept < 6
 
@@ -92,13 +97,14 @@ def test_short_names_and_sweep_groups(tmp_path: Path) -> None:
 
 def test_per_layer_keys_get_their_own_section_and_the_chart_its_points() -> None:
     rows = [
-        {"optimizer_step": s, "bn/gap_mean": 1.0 / s, "bn/net.2/mean_gap_mean": 2.0 / s,
-         "bn/net.2/pred_mean_gap_mean": 1.5 / s, "bn/net.2/gap_vs_pred": 4.0 / 3}
+        {"optimizer_step": s, "bn/gap_mean": 1.0 / s, "bn/2/mean_gap_mean": 2.0 / s,
+         "bn/2/pred_mean_gap_mean": 1.5 / s, "bn/2/gap_vs_pred": 4.0 / 3}
         for s in (2, 4)
     ]  # fmt: skip
-    sent = wandb_run.for_wandb(rows[0])
-    moved = {f"bn_layers/net.2/{k}" for k in ("mean_gap_mean", "pred_mean_gap_mean", "gap_vs_pred")}
+    sent = wandb_run.for_wandb(rows[0])  # layer "2" of a family's model: section "net.2"
+    moved = {f"net.2/{k}" for k in ("mean_gap_mean", "pred_mean_gap_mean", "gap_vs_pred")}
     assert set(sent) == {"optimizer_step", "bn/gap_mean", *moved}
+    assert sent["net.2/mean_gap_mean"] == rows[0]["bn/2/mean_gap_mean"]
     gaps = wandb_run.GapHistory()
     for row in [*rows, {"optimizer_step": 5, "test/acc": 0.9}]:
         gaps.add(row)
@@ -108,18 +114,19 @@ def test_per_layer_keys_get_their_own_section_and_the_chart_its_points() -> None
 
 
 @pytest.mark.slow
-def test_a_quiet_run_holds_tables_chart_pictures_files_and_checkpoint(tmp_path: Path) -> None:
+def test_a_default_quiet_run_holds_tables_chart_pictures_files_and_checkpoint(
+    tmp_path: Path,
+) -> None:
     run = tmp_path / "run"
     (run / "report").mkdir(parents=True)
     picture = png(12, 8)
     (run / "report" / "gaps.png").write_bytes(picture)
     overrides = ("trainer.epochs=2", "trainer.num_threads=1", "trainer.progress=bar",
-                 "bn_stats.recalibrate=true", "logger.wandb.quiet=true",
-                 "logger.wandb.log_checkpoint=true")  # fmt: skip
+                 "bn_stats.recalibrate=true", "logger.wandb.log_checkpoint=true")  # fmt: skip
     p = run_app(run, *overrides, env=loud_env(tmp_path))
     assert p.returncode == 0, p.stderr[-3000:]
     out = p.stdout + p.stderr
-    assert not [ln for ln in out.splitlines() if "wandb:" in ln]  # W&B printed nothing
+    assert not [ln for ln in out.splitlines() if "wandb:" in ln]  # quiet by default
     assert "wandb sync" in out  # mnistlab's own one-line hint for the offline run
     s = read_summary(run)
     total = s["plan"]["total_steps"]
@@ -129,9 +136,9 @@ def test_a_quiet_run_holds_tables_chart_pictures_files_and_checkpoint(tmp_path: 
     w = wandb_run_dir(run)
     records = leet(w)
     (info,) = [r["run"] for r in records if r["type"] == "run"]
-    assert info["display_name"] == wandb_run.short_name(s["overrides"])
-    assert len(info["display_name"]) < len(" ".join(s["overrides"]))  # short: "+N more"
-    assert info["run_group"] == "run"  # a single run is its own group (its folder)
+    assert info["display_name"] == ",".join(overrides) == ",".join(s["overrides"])
+    # its group: the overrides less those that change nothing trained (progress, threads, logger)
+    assert info["run_group"] == "trainer.epochs=2,bn_stats.recalibrate=true"
     state = leet(w, "--summary")
     summary = state["summary"]
     evals = [r["test/acc"] for r in read_jsonl(run / "metrics.jsonl") if "test/acc" in r]
@@ -141,7 +148,6 @@ def test_a_quiet_run_holds_tables_chart_pictures_files_and_checkpoint(tmp_path: 
     assert summary["test/loss"]["last"] == pytest.approx(s["final"]["test/loss"])
     assert summary["bn/gap_mean"] == pytest.approx(s["final"]["bn/gap_mean"])
     assert not [k for k in summary if re.match(r"bn/[^/]+/", k)]  # per-layer keys moved
-    assert summary[f"bn_layers/{next(iter(s['bn']))}/mean_gap_mean"] is not None
 
     gaps = table_of(w, summary, "bn_layers/final_gaps")
     assert [row[0] for row in gaps["data"]] == list(s["bn"])
@@ -156,9 +162,10 @@ def test_a_quiet_run_holds_tables_chart_pictures_files_and_checkpoint(tmp_path: 
     layer = next(iter(s["bn"]))
     key = f"bn/{layer}/mean_gap_mean"
     points = [(r["optimizer_step"], r[key]) for r in read_jsonl(run / "metrics.jsonl") if key in r]
-    assert [(x, y) for x, k, y in chart["data"] if k == f"{layer} measured"] == points
+    measured = f"net.{layer} measured"  # the line of the family's layer "2" is "net.2 ..."
+    assert [(x, y) for x, k, y in chart["data"] if k == measured] == points
     assert {k for _, k, _ in chart["data"]} == {
-        f"{n} {what}" for n in s["bn"] for what in ("measured", "predicted")
+        f"net.{n} {what}" for n in s["bn"] for what in ("measured", "predicted")
     }
     image = summary["report/gaps"]
     assert (image["_type"], image["width"], image["height"]) == ("image-file", 12, 8)
@@ -181,7 +188,8 @@ def test_a_quiet_run_holds_tables_chart_pictures_files_and_checkpoint(tmp_path: 
 def test_sweep_names_differ_only_in_the_swept_key_and_share_one_group(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     p = run_app(sweep, "trainer.epochs=1", "trainer.num_threads=1", "trainer.seed=0,1",
-                env=loud_env(tmp_path), multirun=True, timeout=300)  # fmt: skip
+                "logger.wandb.quiet=false", env=loud_env(tmp_path), multirun=True,
+                timeout=300)  # fmt: skip
     assert p.returncode == 0, p.stderr[-3000:]
     assert [ln for ln in (p.stdout + p.stderr).splitlines() if ln.startswith("wandb:")]  # loud
     infos = []
@@ -189,9 +197,8 @@ def test_sweep_names_differ_only_in_the_swept_key_and_share_one_group(tmp_path: 
         (info,) = [r["run"] for r in leet(wandb_run_dir(sweep / job)) if r["type"] == "run"]
         infos.append(info)
     assert [i["display_name"] for i in infos] == ["trainer.seed=0", "trainer.seed=1"]
-    started = (sweep / "multirun.yaml").stat().st_mtime
-    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started))
-    assert {i["run_group"] for i in infos} == {f"trainer.seed {when}"}
+    # one configuration, seeds grouped: its overrides less the seed, the threads and the logger
+    assert [i["run_group"] for i in infos] == ["trainer.epochs=1"] * 2
 
     # the same two runs locally: one configuration, two seeds
     (row,) = folders.table([sweep])[1]
