@@ -179,3 +179,15 @@ def assert_one_line_error(p: subprocess.CompletedProcess[str], *needles: str) ->
     for needle in needles:
         assert needle in lines[0], lines[0]
     return lines[0]
+
+
+# --- processes & faults helpers
+
+
+def stop_joblib_workers() -> None:
+    """Let the loky workers that a joblib sweep run by :func:`app` left idle in this process
+    (joblib keeps them for its next call; each holds a whole torch) end now, unwaited."""
+    if "joblib" in sys.modules:
+        from joblib.externals.loky import get_reusable_executor
+
+        get_reusable_executor().shutdown(wait=False)
