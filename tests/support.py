@@ -191,3 +191,13 @@ def stop_joblib_workers() -> None:
         from joblib.externals.loky import get_reusable_executor
 
         get_reusable_executor().shutdown(wait=False)
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """This process's environment for an app subprocess (unbuffered, W&B quiet), plus
+    ``extra``; without ``WANDB_SERVICE``, which a W&B run of :func:`app` leaves set here. A
+    child that inherits it logs through this process's W&B service, and a run killed there
+    keeps its id in use: the resume that follows is refused ("run ID ... is in use")."""
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    env.update(PYTHONUNBUFFERED="1", WANDB_SILENT="true", **extra)
+    return env
