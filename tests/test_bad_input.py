@@ -149,10 +149,13 @@ def test_config_mistake_is_one_line(case: str, tmp_path: Path) -> None:
     ],
 )
 def test_data_dependent_mistake_is_one_line(
-    overrides: list[str], needles: list[str], tmp_path: Path
+    overrides: list[str], needles: list[str], tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
     p = app(tmp_path, *overrides, "trainer.num_threads=1")
     assert_one_line_error(p, *needles)
+    # ranks the app spawned (trainer.devices=2) write to this process's descriptors instead
+    ranks = capfd.readouterr()
+    assert "Traceback" not in ranks.out + ranks.err and "error:" not in ranks.out + ranks.err
     assert not (tmp_path / "wandb").exists() and not (tmp_path / "checkpoints").exists()
     assert not (tmp_path / "metrics.jsonl").exists()
 
