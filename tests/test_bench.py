@@ -6,14 +6,13 @@ No timed assertions: the numbers depend on the machine; only their presence is c
 from __future__ import annotations
 
 import importlib.util
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from support import ROOT
+from support import ROOT, child_env
 
 BENCH = ROOT / "scripts" / "bench.py"
 
@@ -41,8 +40,7 @@ HALVES = (
 def test_quick_bench_prints_every_row(tmp_path: Path) -> None:
     mod = bench_module()
     assert sorted(n for half in HALVES for n in half) == sorted(f.__name__ for f in mod.ROWS)
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", WANDB_SILENT="true")
-    env.pop("WANDB_SERVICE", None)
+    env = child_env(OMP_NUM_THREADS="1")
     procs = []
     for i, half in enumerate(HALVES):
         args = [sys.executable, str(BENCH), "--quick", "--threads", "1", "--only", *half]
