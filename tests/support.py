@@ -67,9 +67,10 @@ def run_app(
 
     ``flags`` (``--cfg job``) go before the overrides, as Hydra's parser wants; ``multirun``
     adds ``-m`` and pins ``hydra.sweep.dir`` instead; ``env``, if given, is the whole
-    environment of the child."""
+    environment of the child (by default :func:`child_env`: this process's, less the W&B
+    service an in-process run left in it)."""
     if env is None:
-        env = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_SILENT="true")
+        env = child_env()
     where = f"hydra.sweep.dir={run_dir}" if multirun else f"hydra.run.dir={run_dir}"
     args = [sys.executable, "-m", module, *(["-m"] if multirun else []), *flags, where]
     return subprocess.run(
@@ -202,3 +203,25 @@ class TorchThreads:
         import torch
 
         torch.set_num_threads(self.saved)
+
+
+# --- processes & faults helpers
+
+
+def stop_joblib_workers() -> None:
+    """Let the loky workers that a joblib sweep run by :func:`app` left idle in this process
+    (joblib keeps them for its next call; each holds a whole torch) end now, unwaited."""
+    if "joblib" in sys.modules:
+        from joblib.externals.loky import get_reusable_executor
+
+        get_reusable_executor().shutdown(wait=False)
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """This process's environment for an app subprocess (unbuffered, W&B quiet), plus
+    ``extra``; without ``WANDB_SERVICE``, which a W&B run of :func:`app` leaves set here. A
+    child that inherits it logs through this process's W&B service, and a run killed there
+    keeps its id in use: the resume that follows is refused ("run ID ... is in use")."""
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    env.update(PYTHONUNBUFFERED="1", WANDB_SILENT="true", **extra)
+    return env

@@ -6,14 +6,13 @@ No timed assertions: the numbers depend on the machine; only their presence is c
 from __future__ import annotations
 
 import importlib.util
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from support import ROOT
+from support import ROOT, child_env
 
 BENCH = ROOT / "scripts" / "bench.py"
 
@@ -27,22 +26,39 @@ def bench_module():  # type: ignore[no-untyped-def]
     return mod
 
 
+# The rows in two halves, run side by side by two bench processes (``--only``): each half is
+# mostly one process at a time, so the two keep both cores busy. Together: every row function.
+HALVES = (
+    ["row_machine", "row_gemm", "row_throughput_mlp", "row_throughput_cnn", "row_flops",
+     "row_overheads_default", "row_overheads_mnist", "row_startup", "row_stacked_steps",
+     "row_stacked_digits", "row_stacked_mnist"],
+    ["row_sweep", "row_threads", "row_load", "row_cuda"],
+)  # fmt: skip
+
+
 @pytest.mark.slow
 def test_quick_bench_prints_every_row(tmp_path: Path) -> None:
-    md = tmp_path / "rows.md"
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", WANDB_SILENT="true")
-    args = [sys.executable, str(BENCH), "--quick", "--threads", "1", "--markdown", str(md)]
-    args += ["--data", str(tmp_path / "no-data")]  # generated IDX files
-    p = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=env, timeout=280)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    names = bench_module().ROW_NAMES
-    printed = {line.split()[0] for line in p.stdout.splitlines() if line.strip()}
-    missing = [n for n in names if n not in printed]
-    assert not missing, p.stdout
-    table = md.read_text()
-    for n in names:
+    mod = bench_module()
+    assert sorted(n for half in HALVES for n in half) == sorted(f.__name__ for f in mod.ROWS)
+    env = child_env(OMP_NUM_THREADS="1")
+    procs = []
+    for i, half in enumerate(HALVES):
+        args = [sys.executable, str(BENCH), "--quick", "--threads", "1", "--only", *half]
+        args += ["--markdown", str(tmp_path / f"rows{i}.md")]
+        args += ["--data", str(tmp_path / "no-data")]  # generated IDX files
+        procs.append(subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True, cwd=ROOT, env=env))  # fmt: skip
+    outs = [p.communicate(timeout=280) for p in procs]
+    for p, (out, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, out[-3000:] + err[-3000:]
+        assert "failed:" not in out
+    stdout = "".join(out for out, _ in outs)
+    printed = {line.split()[0] for line in stdout.splitlines() if line.strip()}
+    missing = [n for n in mod.ROW_NAMES if n not in printed]
+    assert not missing, stdout
+    table = "".join((tmp_path / f"rows{i}.md").read_text() for i in range(len(HALVES)))
+    for n in mod.ROW_NAMES:
         assert f"| {n} |" in table
-    assert "failed:" not in p.stdout
 
 
 def test_flop_count_of_an_mlp_training_step() -> None:

@@ -25,7 +25,7 @@ from mnistlab.engine import checkpoint
 from mnistlab.engine.steps import StepCounter
 
 from faults import KillAfterSave, KillAtMicroBatch, override
-from support import ROOT, leet, read_jsonl, read_summary, run_app
+from support import ROOT, app, child_env, leet, read_jsonl, read_summary, run_app
 
 # 200 samples (220 less a validation part of 20), batch 16: 13 micro-batches per epoch in
 # windows of 3,3,3,3,1 -> 5 steps per epoch, 15 in all. Checkpoints at step 0, every 2 steps
@@ -45,10 +45,9 @@ TINY = (
 )
 
 
-def app(run_dir: Path, *overrides: str, multirun: bool = False) -> subprocess.CompletedProcess[str]:
-    """The real app in a subprocess with one thread."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_SILENT="true", OMP_NUM_THREADS="1")
-    return run_app(run_dir, *overrides, env=env, multirun=multirun)
+def killed(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess[str]:
+    """The real app in a subprocess with one thread: for runs a fault kills (SIGKILL)."""
+    return run_app(run_dir, *overrides, env=child_env(OMP_NUM_THREADS="1"))
 
 
 def ok(p: subprocess.CompletedProcess[str]) -> None:
@@ -183,7 +182,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(
     run = tmp_path / "run"
     for i, fault in enumerate(KILLS[case]):
         extra = ("trainer.resume=true",) if i else ()
-        p = app(run, *TINY, *extra, *fault)
+        p = killed(run, *TINY, *extra, *fault)
         assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
         assert (run / checkpoint.LAST).is_file()
     p = app(run, *TINY, "trainer.resume=true")
@@ -241,7 +240,7 @@ def test_resume_can_extend_epochs(baseline: Path, tmp_path: Path) -> None:
 def test_sigterm_writes_checkpoint_and_exits_cleanly(tmp_path: Path) -> None:
     """SIGINT (Ctrl-C) takes the same path, with exit code 130."""
     sig = signal.SIGTERM
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env = child_env(OMP_NUM_THREADS="1")
     args = [sys.executable, "-m", "mnistlab.train", f"hydra.run.dir={tmp_path}"]
     args += ["trainer.epochs=200", "trainer.num_threads=1", "trainer.log_every_n_steps=1"]
     proc = subprocess.Popen(

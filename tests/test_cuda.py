@@ -19,6 +19,8 @@ from hydra import compose, initialize_config_dir
 from mnistlab.app.job import run as run_job
 from mnistlab.config import CONF_DIR, register, validate
 
+from support import read_jsonl, read_summary, run_app
+
 pytestmark = [
     pytest.mark.cuda,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
@@ -99,8 +101,6 @@ def test_a_stacked_sweep_on_cuda_trains_each_job_as_alone(tmp_path: Path) -> Non
     """``hydra/launcher=stacked`` on the GPU: one group of four, each job completed with its
     plan, its losses those of the same job run by the basic launcher on the GPU (cuBLAS sums
     in another order: 1e-3; no dropout, whose CUDA masks differ by design)."""
-    from conftest import read_jsonl, read_summary, run_app
-
     jobs = ("trainer.accelerator=cuda", "trainer.epochs=2", "trainer.log_every_n_steps=1",
             "logger=none", "trainer.seed=0,1", "optimizer.lr=0.05,0.1")  # fmt: skip
     for launcher in ("basic", "stacked"):

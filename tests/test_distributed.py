@@ -2,6 +2,10 @@
 
 The multi-process tests start real worker processes; they are marked slow. Every run is
 tiny (two epochs of the bundled digits, one thread per process) and binds 127.0.0.1 only.
+The app itself runs in this process (:func:`support.app`) and spawns its ranks from here,
+except where the test is about processes: torchrun's agents, a run stopped by SIGTERM, and
+a failing rank, whose output must share the run's streams (the verdict last, tracebacks on
+stderr only).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from mnistlab.core.errors import ConfigError
 from mnistlab.processes import distributed
 
 from faults import KillRankAt, RaiseAtStep, override
-from support import ROOT, read_jsonl, read_summary, run_app
+from support import ROOT, app, child_env, read_jsonl, read_summary, run_app
 
 TINY = ("trainer.epochs=2", "trainer.num_threads=1", "trainer.progress=none")
 CPU_CORES = len(os.sched_getaffinity(0))
@@ -38,7 +42,7 @@ def _cfg(*overrides: str) -> Any:
 
 def _sweep(sweep_dir: Path, *overrides: str) -> subprocess.CompletedProcess[str]:
     """``python -m mnistlab.train -m ...`` with the sweep folder pinned to ``sweep_dir``."""
-    return run_app(sweep_dir, *overrides, multirun=True)
+    return app(sweep_dir, *overrides, multirun=True)
 
 
 def _last_line(text: str) -> str:
@@ -163,7 +167,7 @@ def test_two_ranks_of_b_match_one_process_of_2b(two_rank_sweep: Path, tmp_path: 
     reach comparable accuracy. Tolerance 0.03 test accuracy (11 of 360 test digits): they
     see the same samples per step, but in another order, with BatchNorm batch statistics
     over 16 instead of 32 samples, so the runs are not bitwise equal."""
-    p = run_app(tmp_path, "trainer.batch_size=32", *TINY)
+    p = app(tmp_path, "trainer.batch_size=32", *TINY)
     assert p.returncode == 0, p.stderr[-3000:]
     one, two = read_summary(tmp_path), read_summary(two_rank_sweep)
     assert one["plan"]["effective_batch_size"] == two["plan"]["effective_batch_size"] == 32
@@ -176,20 +180,9 @@ def test_two_ranks_of_b_match_one_process_of_2b(two_rank_sweep: Path, tmp_path: 
 
 @pytest.mark.slow
 def test_a_rank_that_raises_fails_the_job_within_60s(tmp_path: Path) -> None:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    args = [
-        sys.executable,
-        "-m",
-        "mnistlab.train",
-        f"hydra.run.dir={tmp_path}",
-        "trainer.devices=2",
-        *TINY,
-        *override("fault", RaiseAtStep, rank=1, step=3),
-    ]
+    fault = override("fault", RaiseAtStep, rank=1, step=3)
     t0 = time.monotonic()
-    p = subprocess.run(
-        args, capture_output=True, text=True, cwd=ROOT, env=env, timeout=120, check=False
-    )
+    p = run_app(tmp_path, "trainer.devices=2", *TINY, *fault, env=child_env(), timeout=120)
     elapsed = time.monotonic() - t0
     assert p.returncode == 1 and elapsed < 60
     line = _last_line(p.stderr)  # the one-line verdict closes stderr
@@ -201,7 +194,7 @@ def test_a_rank_that_raises_fails_the_job_within_60s(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_launch_errors_are_one_line_at_start(tmp_path: Path) -> None:
-    p = run_app(tmp_path, "trainer.num_nodes=2", "trainer.accelerator=cpu", *TINY)
+    p = app(tmp_path, "trainer.num_nodes=2", "trainer.accelerator=cpu", *TINY)
     assert p.returncode == 2
     line = _last_line(p.stderr)
     assert "trainer.num_nodes=2 is not allowed: 1 when mnistlab starts" in line
@@ -214,7 +207,7 @@ def test_two_torchrun_agents_one_run_one_folder(tmp_path: Path) -> None:
     """Two agents (``--nnodes=2 --nproc-per-node=1``) meet by c10d rendezvous on 127.0.0.1;
     the run has world size 2 and exactly one Hydra run folder (rank 0's)."""
     port = distributed.free_port()
-    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT / "src"))
+    env = child_env(PYTHONPATH=str(ROOT / "src"))
     torchrun = [
         sys.executable,
         "-m",
@@ -273,21 +266,10 @@ def test_submitit_local_launcher_runs_a_two_job_sweep(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_are_deterministic(tmp_path: Path) -> None:
-    """Same seed, 2 ranks, accumulation and dropout: identical metrics.jsonl, twice."""
-    args = (*TINY, "trainer.devices=2", "trainer.grad_accum=2", "regularizer=dropout")
-    for name in ("a", "b"):
-        p = run_app(tmp_path / name, *args)
-        assert p.returncode == 0, p.stderr
-    rows_a = (tmp_path / "a" / "metrics.jsonl").read_text()
-    assert rows_a and rows_a == (tmp_path / "b" / "metrics.jsonl").read_text()
-
-
-@pytest.mark.slow
 def test_a_rank_that_dies_is_named(tmp_path: Path) -> None:
     """Rank 1 vanishes (SIGKILL); rank 0 then fails for want of it: the line names rank 1."""
     args = ("trainer.devices=2", *TINY, *override("kill", KillRankAt, rank=1, at=5))
-    p = run_app(tmp_path, *args)
+    p = run_app(tmp_path, *args, env=child_env())
     assert p.returncode == 1, p.stderr[-3000:]
     line = _last_line(p.stderr)
     assert "rank 1 failed: the process died (SIGKILL)" in line, p.stderr[-3000:]
@@ -302,9 +284,11 @@ TWO = ("trainer.devices=2", "dataset.limit_train=200", "trainer.batch_size=16",
 
 @pytest.mark.slow
 def test_sigterm_to_a_two_rank_run_checkpoints_and_resumes_bit_for_bit(tmp_path: Path) -> None:
+    """Two gloo ranks with accumulation and dropout, same seed: two runs write the same rows
+    (deterministic), and one stopped by SIGTERM and resumed ends exactly as the whole run."""
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    assert run_app(whole, *TWO, "trainer.epochs=40").returncode == 0
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    assert app(whole, *TWO, "trainer.epochs=40").returncode == 0
+    env = child_env()
     cmd = [
         sys.executable,
         "-m",
@@ -326,7 +310,10 @@ def test_sigterm_to_a_two_rank_run_checkpoints_and_resumes_bit_for_bit(tmp_path:
     assert len(lines) == 1 and "continue with" in lines[0], err[-3000:]
     s = read_summary(cut)
     assert s["status"] == "interrupted" and s["world_size"] == 2
-    p = run_app(cut, "trainer.resume=true")
+    # the same seed, another process: the rows so far are the whole run's, byte for byte
+    rows = (cut / "metrics.jsonl").read_text()
+    assert rows.count("\n") >= 6 and (whole / "metrics.jsonl").read_text().startswith(rows)
+    p = app(cut, "trainer.resume=true")
     assert p.returncode == 0, p.stderr[-3000:]
     assert read_jsonl(cut / "metrics.jsonl") == read_jsonl(whole / "metrics.jsonl")
     a, b = read_summary(cut), read_summary(whole)

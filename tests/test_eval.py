@@ -16,29 +16,44 @@ from mnistlab.engine import checkpoint, data, models
 from mnistlab.engine.steps import StepCounter
 from mnistlab.eval import main as eval_main
 
-from support import ROOT, read_summary, run_app
+from support import ROOT, app, read_summary
 
 
 def evaluate(*args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m mnistlab.eval ARGS`` in a process of its own."""
     return subprocess.run(
         [sys.executable, "-m", "mnistlab.eval", *args],
         capture_output=True, text=True, cwd=ROOT, timeout=240, check=False,
     )  # fmt: skip
 
 
-@pytest.mark.slow
-def test_eval_reproduces_the_runs_final_metrics_and_precise_bn(tmp_path: Path) -> None:
+def evaluate_here(capsys: pytest.CaptureFixture[str], *args: str) -> str:
+    """``mnistlab.eval``'s command in this process, which must succeed: what it printed
+    (the torch thread count it sets is put back)."""
+    capsys.readouterr()
+    threads = torch.get_num_threads()
+    try:
+        code = eval_main(list(args))
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    return out.out
+
+
+def test_eval_reproduces_the_runs_final_metrics_and_precise_bn(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """The run repaired its BN statistics at the end (PreciseBN), after its last checkpoint:
     eval of that checkpoint gives the accuracy before the repair, and with
     ``bn_stats.recalibrate=true`` the run's final (repaired) test accuracy."""
     run = tmp_path / "run"
     args = ("trainer.epochs=2", "trainer.num_threads=1", "logger=none")
-    p = run_app(run, *args, "model=cnn", "model.hidden=[32]", "bn_stats.recalibrate=true")
+    p = app(run, *args, "model=cnn", "model.hidden=[32]", "bn_stats.recalibrate=true")
     assert p.returncode == 0, p.stderr
     s = read_summary(run)
 
-    plain = evaluate(str(run))
-    assert plain.returncode == 0, plain.stderr
+    printed_out = evaluate_here(capsys, str(run))
     report = json.loads((run / "eval.json").read_text())
     m = report["metrics"]
     ds = data.load(OmegaConf.create(s["config"]["dataset"]))  # every split but train: test, ...
@@ -50,13 +65,14 @@ def test_eval_reproduces_the_runs_final_metrics_and_precise_bn(tmp_path: Path) -
         assert m[key] == pytest.approx(s["final"][key], rel=1e-9), key
     assert report["bn"].keys() == s["bn"].keys() == {"1", "5", "10"}
     assert report["counted"] == s["counted"] and report["bn_updates_equal_micro_batches"]
-    printed = [line.split() for line in plain.stdout.splitlines()]
+    printed = [line.split() for line in printed_out.splitlines()]
     assert ["test/acc", f"{m['test/acc']:.6g}"] in printed
     assert ["wrote", str(run / "eval.json")] in printed
 
     out = tmp_path / "recal.json"
-    recal = evaluate(f"{run}/checkpoints/last.pt", "bn_stats.recalibrate=true", "--out", str(out))
-    assert recal.returncode == 0, recal.stderr
+    evaluate_here(
+        capsys, f"{run}/checkpoints/last.pt", "bn_stats.recalibrate=true", "--out", str(out)
+    )
     r = json.loads(out.read_text())["metrics"]
     assert r["bn/test_acc_after_recal"] == s["final"]["test/acc"]
     assert r["bn/test_acc_before_recal"] == m["test/acc"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,10 +23,12 @@ from mnistlab.engine import checkpoint, data
 from faults import KillAfterSave, override
 from support import (
     ROOT,
+    app,
     assert_one_line_error,
     read_jsonl,
     read_summary,
     run_app,
+    stop_joblib_workers,
     write_mnist_layout,
 )
 
@@ -61,13 +64,22 @@ def leftovers(folder: Path) -> list[Path]:
     return [p for p in folder.rglob("*.tmp")]
 
 
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One uninterrupted TINY run of 3 epochs (in this process), read by several tests."""
+    run = tmp_path_factory.mktemp("whole")
+    p = app(run, *TINY, "trainer.epochs=3")
+    assert p.returncode == 0, p.stderr[-2000:]
+    return run
+
+
 @pytest.mark.slow
 def test_a_second_run_into_a_live_runs_folder_is_refused(tmp_path: Path) -> None:
     first = popen(tmp_path, *TINY, "trainer.epochs=5000")
     wait_for_rows(tmp_path, first, 3)
-    for second in (
-        run_app(tmp_path, *TINY, "trainer.epochs=2"),
-        run_app(tmp_path, "trainer.resume=true", "trainer.num_threads=1"),
+    for second in (  # in this process: the lock is another process's all the same
+        app(tmp_path, *TINY, "trainer.epochs=2"),
+        app(tmp_path, "trainer.resume=true", "trainer.num_threads=1"),
     ):
         line = assert_one_line_error(second, f"hydra.run.dir={tmp_path}", "in use by a live run")
         assert f"pid {first.pid}" in line
@@ -81,31 +93,24 @@ def test_a_second_run_into_a_live_runs_folder_is_refused(tmp_path: Path) -> None
 
 
 @pytest.mark.slow
-def test_a_killed_runs_lock_and_temporaries_are_taken_over(tmp_path: Path) -> None:
-    killed = run_app(tmp_path, *TINY, "trainer.epochs=2", *override("k", KillAfterSave, nth=2))
-    assert killed.returncode == -signal.SIGKILL
-    assert (tmp_path / ".lock").exists()  # the kernel released the lock, the file stays
-    stale = tmp_path / "checkpoints" / ".last.pt.abc123.tmp"  # a save killed mid-way
-    stale.write_bytes(b"half a checkpoint")
-    p = run_app(tmp_path, "trainer.resume=true", "trainer.num_threads=1")
-    assert p.returncode == 0, p.stderr[-2000:]
-    assert read_summary(tmp_path)["status"] == "completed" and not leftovers(tmp_path)
-
-
-@pytest.mark.slow
-def test_resume_by_folder_alone_equals_the_uninterrupted_run(tmp_path: Path) -> None:
+def test_resume_by_folder_alone_equals_the_uninterrupted_run(whole: Path, tmp_path: Path) -> None:
     """``hydra.run.dir=<folder> trainer.resume=true`` and nothing else: the folder's own
-    config (a subset, accumulation, a cadence) continues, bit for bit on CPU."""
-    whole, cut = tmp_path / "whole", tmp_path / "cut"
-    assert run_app(whole, *TINY, "trainer.epochs=3").returncode == 0
+    config (a subset, accumulation, a cadence) continues, bit for bit on CPU. The killed
+    run's lock file and a save it left half-written are taken over."""
+    cut = tmp_path / "cut"
     killed = run_app(cut, *TINY, "trainer.epochs=3", *override("k", KillAfterSave, nth=4))
     assert killed.returncode == -signal.SIGKILL
-    p = run_app(cut, "trainer.resume=true")
+    assert (cut / ".lock").exists()  # the kernel released the lock, the file stays
+    stale = cut / "checkpoints" / ".last.pt.abc123.tmp"  # a save killed mid-way
+    stale.write_bytes(b"half a checkpoint")
+    p = app(cut, "trainer.resume=true")
     assert p.returncode == 0, p.stderr[-2000:]
+    assert read_summary(cut)["status"] == "completed" and not leftovers(cut)
+    assert not (cut / ".lock").exists()
     assert read_jsonl(cut / "metrics.jsonl") == read_jsonl(whole / "metrics.jsonl")
     assert read_summary(cut)["final"] == read_summary(whole)["final"]
     # a key given on the command line must agree, unless it may change
-    again = run_app(cut, "trainer.resume=true", "trainer.batch_size=32", "trainer.epochs=4")
+    again = app(cut, "trainer.resume=true", "trainer.batch_size=32", "trainer.epochs=4")
     assert_one_line_error(again, "trainer.batch_size (16 -> 32)", "leave the rest out")
 
 
@@ -118,8 +123,7 @@ def test_sigterms_resume_command_works_verbatim(tmp_path: Path) -> None:
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
     command = re.search(r"continue with: (python -m mnistlab\.train .*)$", err, re.M)
     assert command is not None, err[-2000:]
-    args = [sys.executable, *command.group(1).split()[1:]]
-    p = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=240, check=False)
+    p = app_command(command.group(1))
     assert p.returncode == 0, p.stderr[-2000:]
     s = read_summary(tmp_path)
     assert s["status"] == "completed" and s["accounting_matches_plan"]
@@ -129,15 +133,24 @@ def test_sigterms_resume_command_works_verbatim(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_after_a_divergence_the_learning_rate_may_change_on_resume(tmp_path: Path) -> None:
     # checkpoints at step 0 and epoch ends only: the one kept is from before the blow-up
-    p = run_app(tmp_path, *TINY, "trainer.epochs=2", "optimizer.lr=1e10",
-                "trainer.checkpoint_every_n_steps=null")  # fmt: skip
+    p = app(tmp_path, *TINY, "trainer.epochs=2", "optimizer.lr=1e10",
+            "trainer.checkpoint_every_n_steps=null")  # fmt: skip
     line = assert_one_line_error_code(p, 1, "try a lower optimizer.lr")
     advice = re.search(r"with: python -m mnistlab\.train (.*)$", line)
     assert advice is not None and "optimizer.lr=1e+09" in advice.group(1)
-    resumed = run_app(tmp_path, "trainer.resume=true", "optimizer.lr=0.05")
+    resumed = app(tmp_path, "trainer.resume=true", "optimizer.lr=0.05")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     s = read_summary(tmp_path)
     assert s["status"] == "completed" and s["config"]["optimizer"]["lr"] == 0.05
+
+
+def app_command(command: str) -> subprocess.CompletedProcess[str]:
+    """A printed ``python -m mnistlab.train ARGS`` command run as written, in this process."""
+    words = command.split()
+    assert words[:3] == ["python", "-m", "mnistlab.train"], command
+    (where,) = [w for w in words[3:] if w.startswith("hydra.run.dir=")]
+    rest = [w for w in words[3:] if w != where]
+    return app(Path(where.split("=", 1)[1]), *rest)
 
 
 def assert_one_line_error_code(
@@ -151,9 +164,10 @@ def assert_one_line_error_code(
 
 
 @pytest.mark.slow
-def test_a_damaged_checkpoint_is_refused_and_the_folder_kept(tmp_path: Path) -> None:
-    assert run_app(tmp_path, *TINY, "trainer.epochs=2").returncode == 0
-    last = tmp_path / checkpoint.LAST
+def test_a_damaged_checkpoint_is_refused_and_the_folder_kept(whole: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(whole, run)
+    last = run / checkpoint.LAST
     state = torch.load(last, weights_only=True)
     assert state["digest"] == checkpoint.digest(state)
     blob = bytearray(last.read_bytes())
@@ -162,17 +176,16 @@ def test_a_damaged_checkpoint_is_refused_and_the_folder_kept(tmp_path: Path) -> 
     assert at > 0
     blob[at + 10] ^= 0x01
     last.write_bytes(bytes(blob))
-    before = {p: p.read_bytes() for p in (tmp_path / "summary.json", tmp_path / "metrics.jsonl")}
-    p = run_app(tmp_path, "trainer.resume=true", "trainer.epochs=3")
+    before = {p: p.read_bytes() for p in (run / "summary.json", run / "metrics.jsonl")}
+    p = app(run, "trainer.resume=true", "trainer.epochs=4")
     assert_one_line_error(p, str(last), "damaged", "not loaded")
     assert {q: q.read_bytes() for q in before} == before
 
 
 @pytest.mark.slow
-def test_files_of_a_run_share_one_mode(tmp_path: Path) -> None:
-    assert run_app(tmp_path, *TINY, "trainer.epochs=1").returncode == 0
-    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "metrics.jsonl",
-             tmp_path / "summary.json", tmp_path / checkpoint.LAST)}  # fmt: skip
+def test_files_of_a_run_share_one_mode(whole: Path) -> None:
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (whole / "metrics.jsonl",
+             whole / "summary.json", whole / checkpoint.LAST)}  # fmt: skip
     assert len(set(modes.values())) == 1 and modes["summary.json"] != 0o600, modes
 
 
@@ -187,7 +200,7 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_keeps_the_last_one(tmp_path
         pytest.skip("mounting a tmpfs needs root: " + mounted.stderr.decode()[-200:])
     try:
         run = disk / "run"
-        p = run_app(run, *TINY, "trainer.epochs=3")
+        p = app(run, *TINY, "trainer.epochs=3")
         line = assert_one_line_error(p, "No space left on device", "free some space")
         assert "last.pt" in line
         state = torch.load(run / checkpoint.LAST, weights_only=True)  # the earlier one, whole
@@ -209,11 +222,12 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_keeps_the_last_one(tmp_path
 def test_an_output_folder_that_cannot_be_made_is_one_line(run_dir: str, needles: list[str]) -> None:
     if not Path("/etc/hostname").is_file() and "hostname" in run_dir:
         pytest.skip("no /etc/hostname here")
-    assert_one_line_error(run_app(Path(run_dir), *TINY), *needles)
+    assert_one_line_error(app(Path(run_dir), *TINY), *needles)
 
 
 @pytest.mark.slow
 def test_wandb_online_without_credentials_is_one_line(tmp_path: Path) -> None:
+    # a process of its own: W&B reads its settings (and where credentials are) once a process
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     env.update(HOME=str(tmp_path / "home"), PYTHONUNBUFFERED="1")
     p = run_app(tmp_path / "run", "trainer.epochs=1", "logger.wandb.mode=online", env=env)
@@ -341,9 +355,11 @@ def test_a_stopped_sweep_checkpoints_its_jobs_and_resumes_as_a_whole(
     for job in running:
         assert (tmp_path / job / checkpoint.LAST).is_file()
 
-    again = sweep(tmp_path, *overrides, "trainer.resume=true")
-    _, err = again.communicate(timeout=600)
-    assert again.returncode == 0, err[-3000:]
+    try:  # the same sweep again, in this process (a joblib sweep's jobs: in its workers)
+        again = app(tmp_path, *overrides, "trainer.resume=true", multirun=True)
+    finally:
+        stop_joblib_workers()
+    assert again.returncode == 0, again.stderr[-3000:]
     assert set(statuses(tmp_path).values()) == {"completed"} and len(statuses(tmp_path)) == 3
     for job in running:
         assert "resuming from" in (tmp_path / job / "train.log").read_text()

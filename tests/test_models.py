@@ -13,7 +13,7 @@ from mnistlab.config import CONF_DIR, register
 from mnistlab.core.errors import ConfigError
 from mnistlab.engine import models
 
-from support import read_summary, run_app
+from support import app, read_summary
 
 
 def _lenet_cfg(*overrides: str):  # type: ignore[no-untyped-def]
@@ -53,7 +53,7 @@ def test_lenet_shape_rules() -> None:
 @pytest.mark.slow
 def test_lenet_learns_the_digits_through_the_app(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    p = run_app(run, "model=lenet", "trainer.epochs=3", "trainer.num_threads=1", "logger=none")
+    p = app(run, "model=lenet", "trainer.epochs=3", "trainer.num_threads=1", "logger=none")
     assert p.returncode == 0, p.stderr
     s = read_summary(run)
     assert s["status"] == "completed" and s["config"]["model"]["name"] == "lenet"

@@ -19,7 +19,7 @@ from mnistlab.app.job import run as run_job
 from mnistlab.config import CONF_DIR, register, validate
 from mnistlab.processes.threads import resolve_threads
 
-from support import ROOT, read_summary, run_app
+from support import ROOT, app, child_env, read_jsonl, read_summary, run_app, stop_joblib_workers
 
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
@@ -57,28 +57,21 @@ def test_auto_threads_divide_cores() -> None:
 @pytest.mark.slow
 def test_joblib_sweep_splits_threads_among_parallel_jobs(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    args = [
-        sys.executable,
-        "-m",
-        "mnistlab.train",
-        "-m",
-        f"hydra.sweep.dir={sweep}",
-        "hydra/launcher=joblib",
-        "hydra.launcher.n_jobs=2",
-        "trainer.seed=0,1",
-        "trainer.epochs=1",
-        "dataset.limit_train=128",
-        "trainer.progress=none",
-    ]
-    p = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=env, timeout=240)
+    args = ("hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "trainer.seed=0,1",
+            "trainer.epochs=1", "dataset.limit_train=128", "trainer.progress=none")  # fmt: skip
+    try:  # the sweep in this process; its jobs in joblib's worker processes
+        p = app(sweep, *args, multirun=True, env={"OMP_NUM_THREADS": "1"})
+    finally:
+        stop_joblib_workers()
     assert p.returncode == 0, p.stderr[-2000:]
     for job in ("0", "1"):
         assert read_summary(sweep / job)["num_threads"] == max(1, CORES // 2)
 
 
 def _imports(tmp_path: Path, *overrides: str) -> set[str]:
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    """What a fresh ``python -m mnistlab.train`` imports (``-X importtime``): a process of
+    its own, since this one has imported everything already."""
+    env = child_env(OMP_NUM_THREADS="1")
     args = [sys.executable, "-X", "importtime", "-m", "mnistlab.train"]
     args += [f"hydra.run.dir={tmp_path}", "trainer.epochs=1", "trainer.progress=none", *overrides]
     p = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=env, timeout=240)
@@ -99,10 +92,9 @@ def test_default_run_imports_neither_torchvision_nor_wandb(tmp_path: Path) -> No
     assert not {m for m in local if m.split(".")[0] in ("torchvision", "wandb")}
 
 
-@pytest.mark.slow
 def test_mnist_run_uses_torchvision(tmp_path: Path, mnist_root: Path) -> None:
     """...and the lazy import still works when a torchvision dataset is asked for."""
-    p = run_app(
+    p = app(
         tmp_path,
         "dataset=mnist",
         f"dataset.root={mnist_root}",
@@ -120,15 +112,22 @@ def test_compiled_model_is_not_recompiled_by_bn_points(tmp_path: Path) -> None:
     would trace the hooks and their accumulators too, and recompile them at every point until
     its limit (8 each): seconds of compiling and a warning for nothing. The pass runs eagerly.
     And the training forward really is compiled (the in-place ``Module.compile()`` captured no
-    frame of an ``nn.Sequential`` before torch 2.14: compile silently did nothing)."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TORCH_LOGS="recompiles,dynamo")
+    frame of an ``nn.Sequential`` before torch 2.14: compile silently did nothing).
+
+    A process of its own: torch reads ``TORCH_LOGS`` when it is imported. A BN point at every
+    step, 12 of them (180 samples, batch 32, 2 epochs): more than the limit, were they traced.
+    One thread throughout: a thread count changed by ``auto`` is a recompile of its own."""
+    env = child_env(TORCH_LOGS="recompiles,dynamo")
     p = run_app(
         tmp_path, "trainer.compile=true", "logger=none", "trainer.epochs=2",
-        "bn_stats.every_n_steps=5", "trainer.accelerator=cpu", env=env, timeout=400,
+        "dataset.limit_train=200", "bn_stats.every_n_steps=1", "trainer.num_threads=1",
+        "trainer.accelerator=cpu", env=env, timeout=400,
     )  # fmt: skip
     assert p.returncode == 0, p.stderr[-3000:]
     assert read_summary(tmp_path)["status"] == "completed"
     assert read_summary(tmp_path)["bn_updates_equal_micro_batches"] is True
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    assert sum(any(k.startswith("bn/") for k in r) for r in rows) > 8  # past dynamo's limit
     assert p.stderr.count("calling compiler function inductor") >= 1, p.stderr[-3000:]
     recompiles = p.stderr.count("Recompiling function")
     # the epoch's short last batch, evaluation's no-grad mode and its batch size: a few at most

@@ -12,8 +12,8 @@ from .runs import ours
 
 
 def row_overheads_default(b: Bench) -> list[Row]:
-    """Shares on the default run (digits; 3 epochs when quick)."""
-    return _shares(b, "default", [] if not b.quick else ["trainer.epochs=3"])
+    """Shares on the default run (digits; 1 epoch when quick)."""
+    return _shares(b, "default", [] if not b.quick else ["trainer.epochs=1"])
 
 
 def row_overheads_mnist(b: Bench) -> list[Row]:

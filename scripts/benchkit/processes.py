@@ -110,7 +110,7 @@ def row_threads(b: Bench) -> list[Row]:
             Row("threads_1_vs_2", "n/a (CPU only, 2+ cores)"),
             Row("threads_oversubscribed", "n/a (CPU only, 2+ cores)"),
         ]
-    n = b.n(10000, 640)
+    n = b.n(10000, 320)
     over = mnist_overrides(b, "mlp", n, batch=64)
     rates = {}
     for k in (1, 2):
@@ -154,7 +154,8 @@ def row_load(b: Bench) -> list[Row]:
     and alone, against a fixed 2 threads alone: the thread governor's two promises."""
     if b.device == "cuda" or cpu_cores() < 2:
         return [Row("threads_auto_under_load", "n/a (CPU only, 2+ cores)")]
-    n = b.n(30000, 2000)  # a few seconds of training: the governor re-measures 4 times a second
+    # a few seconds of training (full run): the governor re-measures 4 times a second
+    n = b.n(30000, 640)
     over = mnist_overrides(b, "mlp", n, batch=64)
     alone = {k: _app_rate(b, over, k, f"alone-{k}") for k in ("2", "auto")}
     other = app(train_cmd(f"hydra.run.dir={b.work / 'load-other'}", *mnist_overrides(

@@ -64,12 +64,12 @@ def row_gemm(b: Bench) -> list[Row]:
 
 def row_throughput_mlp(b: Bench) -> list[Row]:
     """The default mlp, ours vs the examples loop at num_workers 0 (target 4x) and 1."""
-    return _throughput(b, "mlp", b.n(30000, 3000), [0, 1], 4.0)
+    return _throughput(b, "mlp", b.n(30000, 1000), [0, 1], 4.0)
 
 
 def row_throughput_cnn(b: Bench) -> list[Row]:
     """The cnn, ours vs the examples loop at num_workers 0; reported only."""
-    return _throughput(b, "cnn", b.n(6000, 1280), [0], None)
+    return _throughput(b, "cnn", b.n(6000, 320), [0], None)
 
 
 def _throughput(
