@@ -14,12 +14,16 @@ $(STAMP): pyproject.toml
 train: $(STAMP)  ## the main job on the bundled digits data
 	$(PY) -m mnistlab.train
 
+# One pytest worker per core (pytest-xdist), each pinned to its core by tests/conftest.py; a test
+# file's tests stay on one worker, so a module's shared run is made once.
+XDIST := -n auto --dist loadfile
+
 test: $(STAMP)  ## the import contract (pyproject.toml), then the whole suite, slow tests included
 	$(VENV)/bin/lint-imports --no-cache
-	$(PY) -m pytest
+	$(PY) -m pytest $(XDIST)
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest $(XDIST) -m "not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

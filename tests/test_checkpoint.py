@@ -271,7 +271,10 @@ def test_sigterm_writes_checkpoint_and_exits_cleanly(tmp_path: Path) -> None:
     assert len(folders) == 2 and len({d.name.rsplit("-", 1)[-1] for d in folders}) == 1
     # and keeps the first attempt's name and group (not "trainer.epochs=... trainer.resume=true")
     first, again = (next(r["run"] for r in leet(d) if r["type"] == "run") for d in folders)
-    assert first["display_name"] == "trainer.epochs=200 trainer.num_threads=1 +1 more"
+    assert (
+        first["display_name"]
+        == "trainer.epochs=200,trainer.num_threads=1,trainer.log_every_n_steps=1"
+    )
     assert (again["display_name"], again["run_group"]) == (
         first["display_name"],
         first["run_group"],

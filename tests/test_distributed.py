@@ -154,7 +154,8 @@ def test_two_devices_count_the_plan_on_every_rank_and_write_once(two_rank_sweep:
         "train.log",
         "wandb",
     ]
-    assert [p.name for p in run.parent.iterdir() if p.is_dir()] == ["0"]
+    # one job folder; beside it only the sweep's own report and its W&B run
+    assert sorted(p.name for p in run.parent.iterdir() if p.is_dir()) == ["0", "report", "wandb"]
     rows = [r for r in read_jsonl(run / "metrics.jsonl") if "train/loss" in r]
     steps = [r["optimizer_step"] for r in rows]
     assert len(steps) == len(set(steps)) and steps[-1] == plan["total_steps"]

@@ -153,7 +153,8 @@ def row_load(b: Bench) -> list[Row]:
     """``trainer.num_threads=auto`` beside a second CPU-heavy process (another default run)
     and alone, against a fixed 2 threads alone: the thread governor's two promises."""
     if b.device == "cuda" or cpu_cores() < 2:
-        return [Row("threads_auto_under_load", "n/a (CPU only, 2+ cores)")]
+        na = "n/a (CPU only, 2+ cores)"
+        return [Row("threads_auto_under_load", na), Row("threads_auto_alone", na)]
     # a few seconds of training (full run): the governor re-measures 4 times a second
     n = b.n(30000, 640)
     over = mnist_overrides(b, "mlp", n, batch=64)
