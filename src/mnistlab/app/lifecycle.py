@@ -244,7 +244,7 @@ def _outcome(
     error, multirun = summary.get("error"), hc.mode == RunMode.MULTIRUN
     if summary["status"] == "interrupted":  # the user asked to stop: a sweep stops too
         print(error, file=sys.stderr, flush=True)
-        signals.stop_sweep(summary["signal"])
+        signals.stop_sweep(summary["signal"], multirun=multirun)
         sys.exit(128 + summary["signal"])
     if summary["status"] != "completed":
         print(error or "error: run failed", file=sys.stderr, flush=True)

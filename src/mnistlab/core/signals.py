@@ -10,8 +10,10 @@ the previous one always comes back. SLURM and systemd stop jobs with SIGTERM; Ct
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -54,12 +56,19 @@ def install_for_sweep(handler: SweepStop | None) -> None:
             signal.signal(sig, default)
 
 
-def stop_sweep(signum: int) -> None:
-    """A job that was interrupted: stop its sweep too, if this process runs the sweep (Hydra's
-    basic launcher; a launcher's worker process just ends, and the sweep's process stops)."""
+def stop_sweep(signum: int, *, multirun: bool) -> None:
+    """A job that was interrupted: stop its sweep too. Where this process runs the sweep
+    (Hydra's basic launcher, the stacked launcher) its handler stops every job and exits. A
+    launcher's worker process (joblib, submitit) ends here, at once: left alive, the launcher
+    would keep it for its next job and the sweep's process would wait its grace period out."""
     handler = signal.getsignal(signal.SIGTERM)
     if isinstance(handler, SweepStop):
         handler(signum, None)
+    if multirun:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(128 + signum)
 
 
 def send(pids: list[int], signum: int) -> None:
