@@ -288,7 +288,7 @@ def test_sigterm_to_a_two_rank_run_checkpoints_and_resumes_bit_for_bit(tmp_path:
     """Two gloo ranks with accumulation and dropout, same seed: two runs write the same rows
     (deterministic), and one stopped by SIGTERM and resumed ends exactly as the whole run."""
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    assert app(whole, *TWO, "trainer.epochs=40").returncode == 0
+    assert app(whole, *TWO, "trainer.epochs=20").returncode == 0
     env = child_env()
     cmd = [
         sys.executable,
@@ -296,7 +296,7 @@ def test_sigterm_to_a_two_rank_run_checkpoints_and_resumes_bit_for_bit(tmp_path:
         "mnistlab.train",
         f"hydra.run.dir={cut}",
         *TWO,
-        "trainer.epochs=40",
+        "trainer.epochs=20",
     ]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)  # fmt: skip
