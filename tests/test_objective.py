@@ -15,7 +15,7 @@ from mnistlab.engine import data
 from mnistlab.plan import CONF_DIR, plan_from_overrides
 from mnistlab.results import folders
 
-from support import app, read_jsonl, read_summary
+from support import app, assert_one_line_error, read_jsonl, read_summary
 
 QUICK = ("trainer.epochs=2", "dataset.limit_train=500", "trainer.num_threads=1", "logger=none")
 
@@ -98,3 +98,23 @@ def test_sweep_summary_csv_has_the_objective_column(tmp_path: Path) -> None:
     assert [float(r["val/loss"]) for r in rows] == losses
     best = min((0, 1), key=lambda i: losses[i])
     assert f"best job by val/loss (minimize): {sweep / str(best)}" in p.stdout + p.stderr
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (["optimizer.lr=0.01,0.1", "objective.metric=test/acc"], "never optimised"),
+        (["hparams_search=digits_optuna", "objective.metric=accuracy"], "one of val/acc, val/loss"),
+    ],
+)
+def test_a_sweep_checks_its_objective_once_before_any_job(
+    tmp_path: Path, overrides: list[str], needle: str
+) -> None:
+    """A sweep (basic launcher) or a search (Optuna) with a test metric or an unknown name as
+    its objective: one error line naming the key, the value and what is allowed, and no job
+    folder, trial or study is made."""
+    sweep = tmp_path / "sweep"
+    p = app(sweep, *QUICK, *overrides, multirun=True)
+    line = assert_one_line_error(p, "objective.metric=", needle)
+    assert repr(overrides[-1].partition("=")[2]) in line
+    assert not sweep.exists()  # no job folder, no sweep_summary.csv, no Optuna journal
