@@ -182,6 +182,9 @@ def _check_scheduler(s: Any, lr: float) -> None:
         raise ConfigError("scheduler.min_lr", s.min_lr, f"a number in [0, optimizer.lr={lr}]")
 
 
+RUNNING = {"train/acc": "train_eval/acc", "train/loss": "train_eval/loss"}
+
+
 def check_objective(metric: Any, direction: Any) -> None:
     """The objective by itself: a metric the final summary can hold (never a test metric)
     and the direction its kind implies. A sweep or search checks this once, before its first
@@ -189,6 +192,12 @@ def check_objective(metric: Any, direction: Any) -> None:
     names = ", ".join(OBJECTIVES)
     if "test" in str(metric):
         allowed = f"not a test metric (the test set is reported, never optimised): one of {names}"
+        raise ConfigError("objective.metric", metric, allowed)
+    if metric in RUNNING:  # logged in rows only; the summary's is the evaluation in eval mode
+        allowed = (
+            f"{RUNNING[metric]} ({metric} is the running mean of training in train mode, in "
+            f"rows only; {RUNNING[metric]} the whole training split in eval mode): one of {names}"
+        )
         raise ConfigError("objective.metric", metric, allowed)
     check_choice("objective.metric", metric, OBJECTIVES)
     check_choice("objective.direction", direction, DIRECTIONS)
@@ -208,7 +217,8 @@ def _check_objective(cfg: Any) -> None:
             "objective.metric",
             metric,
             f"a metric the run has: dataset.val_size={cfg.dataset.val_size} turns the "
-            "validation split off; set dataset.val_size (e.g. 0.1) or objective.metric=train/acc",
+            "validation split off; set dataset.val_size (e.g. 0.1) or "
+            "objective.metric=train_eval/acc",
         )
     if metric.startswith("bn/") and not cfg.model.bn:
         allowed = "a metric the run has: model.bn=false has no BatchNorm statistics"

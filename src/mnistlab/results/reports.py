@@ -110,12 +110,14 @@ def _regularization(run: Run) -> Any:
     knobs = ", ".join(f"{k}={r[k]}" for k in ("l1", "l2", "dropout") if r.get(k))
     title = f"Regularization: {r.get('name', '?')}" + (f" ({knobs})" if knobs else "")
     acc = series.columns(run.rows, series.ACCURACY_KEYS)
-    final = {k: series.last_value(run.rows, run.summary, k) for k in series.ACCURACY_KEYS}
+    keys = ("train_eval/acc", "val/acc", "test/acc", "train_test_gap")
+    final = {k: series.last_value(run.rows, run.summary, k) for k in keys}
     note = ""
-    if None not in final.values():
+    if None not in (final["train_eval/acc"], final["test/acc"], final["train_test_gap"]):
+        val = "" if final["val/acc"] is None else f"validation {final['val/acc']:.4f}, "
         note = (
-            f"at the end: train {final['train/acc']:.4f} (whole set), "
-            f"test {final['test/acc']:.4f}, gap {final['train_test_gap']:.4f}"
+            f"at the end: train {final['train_eval/acc']:.4f} (whole set, eval mode), "
+            f"{val}test {final['test/acc']:.4f}, gap {final['train_test_gap']:.4f}"
         )
     return draw.draw_regularization(_weights(run), weights, acc, title, note)
 
@@ -148,8 +150,9 @@ RUN_PICTURES = (
         "learning.png",
         "Learning",
         _learning,
-        "Loss (log scale) and accuracy over optimizer steps: the running training average, the "
-        "training set in eval mode and the test set.",
+        "Loss (log scale) and accuracy over optimizer steps: validation (what a sweep selects "
+        "on; none without a split), the test set, the running training mean in train mode "
+        "(train/*) and a test-sized training slice in eval mode (train_slice/*).",
     ),
     Picture(
         "steps.png",
@@ -354,7 +357,7 @@ def write_sweep_report(folder: Path, run_dirs: Sequence[Path], each: bool = Fals
 # (key, heading, format): the default columns, those of the README's regularizer table
 TABLE: tuple[tuple[str, str, str], ...] = (
     ("test/acc", "test acc", "{:.4f}"),
-    ("train/acc", "train acc", "{:.4f}"),
+    ("train_eval/acc", "train acc", "{:.4f}"),
     ("train_test_gap", "train–test gap", "{:.4f}"),
     ("weights/l2_norm", "weight L2 norm", "{:.2f}"),
     ("weights/sparsity_exact", "exact zeros", "{:.1%}"),
