@@ -127,7 +127,7 @@ def test_sweep_names_by_swept_values_and_groups_seeds(sweep: tuple[Path, str]) -
     # the sweep's pictures, once, in a run of their own; one short sync line for all five runs
     (report,) = (folder / "wandb").glob("offline-run-*")
     assert run_record(report)["job_type"] == "report"
-    assert "report/test_acc" in leet(report, "--summary")["summary"]
+    assert "report/accuracy" in leet(report, "--summary")["summary"]
     hints = [ln for ln in out.splitlines() if "wandb sync" in ln]
     assert len(hints) == 1
     assert hints[0].endswith(
