@@ -41,9 +41,9 @@ class Sweep(Callback):
     """The sweep's start (launcher check, stop handling) and end (``sweep_summary.csv``)."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _check_objective(config.objective)
         _check_launcher(config.hydra.launcher)
         _check_sweeps(list(config.hydra.overrides.task))
-        _check_objective(config.objective)
         signals.install_for_sweep(Stop(Path(config.hydra.sweep.dir), config.objective))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
