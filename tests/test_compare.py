@@ -42,9 +42,14 @@ def write_run(
     status: str = "completed",
     steps: int = 20,
     batch: int = 32,
+    objective: tuple[str, str] | None = None,
 ) -> None:
+    """A job's folder; with ``objective`` (metric, direction) it also has a validation split
+    whose loss ranks the runs against their test accuracy (val/loss = test/acc)."""
     folder.mkdir(parents=True)
     final = {"test/acc": ACC.get((lr, seed)), "test/loss": 1 - ACC.get((lr, seed), 0.0)}
+    if objective is not None:
+        final |= {"val/acc": ACC[(lr, seed)] - 0.01, "val/loss": ACC[(lr, seed)]}
     summary = {
         "status": status,
         "plan": {"total_steps": 20, "total_micro_batches": 40, "batch_size": batch},
@@ -56,6 +61,8 @@ def write_run(
     }
     if status != "completed":
         summary["error"] = "error: loss became nan"
+    if objective is not None:
+        summary["config"]["objective"] = dict(zip(("metric", "direction"), objective, strict=True))
     (folder / "summary.json").write_text(json.dumps(summary))
     rows = curve(lr, seed, steps)
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -86,6 +93,42 @@ def test_seed_groups_are_mean_std_n_against_numpy(sweep: Path) -> None:
 
     _, per_run = folders.table([sweep], per_run=True)
     assert len(per_run) == 6 and per_run[0]["test/acc"] == max(ACC.values())
+
+
+def test_validation_beside_test_sorted_by_the_objective(
+    sweep: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The runs' own objective sorts the table in its direction, its column beside status,
+    validation before test; no validation split or no objective: said once on stderr."""
+    assert compare.main([str(sweep)]) == 0  # the fixture's runs: no split, no objective
+    out, err = capsys.readouterr()
+    assert "val/" not in out.splitlines()[0]
+    assert "note: no run has a validation split (dataset.val_size=0)" in err
+    assert "note: no objective in the runs' config: sorted by test/acc" in err
+
+    root = tmp_path / "validated"
+    for i, (lr, seed) in enumerate((lr, s) for lr in LRS for s in SEEDS):
+        write_run(root / str(i), lr, seed, objective=("val/loss", "minimize"))
+    assert compare.main([str(root)]) == 0
+    out, err = capsys.readouterr()
+    header = out.splitlines()[0].split()
+    assert header[3:8] == ["status", "val/loss", "val/acc", "test/acc", "bn/gap_mean"]
+    assert "note:" not in err
+    _, rows = folders.table([root])
+    assert [r["optimizer.lr"] for r in rows] == ["0.02", "0.1"]  # by val/loss, lowest first
+    _, by_test = folders.table([root], "test/acc")
+    assert [r["optimizer.lr"] for r in by_test] == ["0.1", "0.02"]  # test would rank the other way
+    _, per_run = folders.table([root], per_run=True)
+    losses = [r["val/loss"] for r in per_run]
+    assert losses == sorted(losses)
+
+    write_run(root / "6", "0.1", 2, objective=("val/acc", "maximize"))
+    notes: list[str] = []
+    folders.table([root], notes=notes)
+    assert notes == [
+        "the runs' objectives differ (val/loss (minimize), val/acc (maximize)): sorted by "
+        "val/loss; --sort picks one"
+    ]
 
 
 def test_a_failed_seed_is_counted_out_and_named(sweep: Path) -> None:

@@ -91,24 +91,24 @@ def test_accumulated_steps_clip_as_the_unaccumulated_run_of_the_same_batch() -> 
 
 
 def test_best_saves_on_improvement_counts_patience_and_resumes_its_state(tmp_path: Path) -> None:
-    """train/loss is read from the evaluation row's train_eval/loss; any improvement writes
+    """train_eval/loss is read from the evaluation row's train_slice/loss; any improvement writes
     best.pt, only one by more than min_delta resets the patience."""
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     ckpt = Checkpointer(tmp_path, model, opt, {}, None)
-    best = Best(ckpt, "train/loss", EVALUATED["train/loss"], False, patience=2, min_delta=0.1)
+    best = Best(ckpt, "train_eval/loss", EVALUATED["train_eval/loss"], False, 2, min_delta=0.1)
     run, counter = Running.zeros(torch.device("cpu")), StepCounter()
 
     def evaluation(loss: float) -> None:
         counter.optimizer_steps += 10
         counter.epochs += 1
-        best.on_evaluation(counter, run, {"train_eval/loss": loss, "val/loss": 0.0})
+        best.on_evaluation(counter, run, {"train_slice/loss": loss, "val/loss": 0.0})
         ckpt.save(counter, run.as_dict())
         best.on_epoch_end(counter, run)
 
     evaluation(1.0)  # the first always improves
     evaluation(0.95)  # better, by less than min_delta: best.pt, and one evaluation waited
-    assert best.record() == {"metric": "train/loss", "value": 0.95, "step": 20, "epoch": 2,
+    assert best.record() == {"metric": "train_eval/loss", "value": 0.95, "step": 20, "epoch": 2,
                              "path": str(tmp_path / checkpoint.BEST)}  # fmt: skip
     assert checkpoint.read(tmp_path / checkpoint.BEST)["counter"]["optimizer_steps"] == 20
     with pytest.raises(StoppedEarly) as stop:
@@ -117,7 +117,7 @@ def test_best_saves_on_improvement_counts_patience_and_resumes_its_state(tmp_pat
     assert checkpoint.read(tmp_path / checkpoint.BEST)["counter"]["optimizer_steps"] == 20
 
     saved = checkpoint.read(tmp_path / checkpoint.LAST)["extra"]["best"]
-    again = Best(ckpt, "train/loss", "train_eval/loss", False, 2, 0.1, saved)
+    again = Best(ckpt, "train_eval/loss", "train_slice/loss", False, 2, 0.1, saved)
     assert again.state == best.state and again.state.stopped is not None
     other = Best(ckpt, "val/loss", "val/loss", False, 2, 0.1, saved)  # another objective
     assert other.record() is None and other.state.stopped is None
@@ -148,7 +148,7 @@ def test_a_stalled_run_stops_early_completed_with_matching_accounting(stalled: P
     assert s["counted"]["epochs"] == s["plan"]["epochs"] == 2
     assert s["counted"]["total_steps"] == s["plan"]["total_steps"] == 2 * steps_per_epoch
     assert [r["optimizer_step"] for r in evaluations(stalled)] == [steps_per_epoch, stop["step"]]
-    assert {"val/acc", "test/acc", "train/acc"} <= s["final"].keys()  # as at a normal end
+    assert {"val/acc", "test/acc", "train_eval/acc"} <= s["final"].keys()  # as at a normal end
 
 
 def test_best_pt_holds_the_best_evaluations_weights(stalled: Path) -> None:

@@ -127,7 +127,7 @@ def test_sweep_names_by_swept_values_and_groups_seeds(sweep: tuple[Path, str]) -
     # the sweep's pictures, once, in a run of their own; one short sync line for all five runs
     (report,) = (folder / "wandb").glob("offline-run-*")
     assert run_record(report)["job_type"] == "report"
-    assert "report/test_acc" in leet(report, "--summary")["summary"]
+    assert "report/accuracy" in leet(report, "--summary")["summary"]
     hints = [ln for ln in out.splitlines() if "wandb sync" in ln]
     assert len(hints) == 1
     assert hints[0].endswith(
@@ -175,3 +175,24 @@ def test_layer_sections_are_module_paths() -> None:
     assert shown_key("bn/2/mean_gap_mean") == "net.2/mean_gap_mean"  # a family's nn.Sequential
     assert shown_key("bn/features.1/gap_vs_pred") == "features.1/gap_vs_pred"  # your own module
     assert shown_key("bn/gap_mean") == "bn/gap_mean" and shown_key("val/acc") == "val/acc"
+
+
+def test_progress_bar_and_wandb_summary_lead_with_validation() -> None:
+    """The bar keeps each key's last value (an evaluation row's stay while steps go on),
+    validation first; W&B defines validation's best and last before test's."""
+    from mnistlab.logger.sinks import ConsoleSink
+
+    sink = ConsoleSink(total_steps=10, mode="bar")
+    try:
+        sink.log({"optimizer_step": 5, "epoch": 0.5, "train/loss": 0.75}, "step")
+        sink.log({"optimizer_step": 5, "epoch": 0.5, "test/acc": 0.9, "val/acc": 0.8,
+                  "val/loss": 0.5, "train_slice/acc": 1.0}, "eval")  # fmt: skip
+        sink.log({"optimizer_step": 6, "epoch": 0.6, "train/loss": 0.25}, "step")
+        assert sink.bar is not None
+        assert (
+            sink.bar.postfix
+            == "val/loss=0.5, val/acc=0.8, test/acc=0.9, train/loss=0.25, epoch=0.6"
+        )
+    finally:
+        sink.finish({})
+    assert list(wandb_run.SUMMARIES)[:2] == ["val/acc", "val/loss"]

@@ -15,7 +15,7 @@ from mnistlab.engine import data
 from mnistlab.plan import CONF_DIR, plan_from_overrides
 from mnistlab.results import folders
 
-from support import app, read_jsonl, read_summary
+from support import app, assert_one_line_error, read_jsonl, read_summary
 
 QUICK = ("trainer.epochs=2", "dataset.limit_train=500", "trainer.num_threads=1", "logger=none")
 
@@ -25,7 +25,8 @@ QUICK = ("trainer.epochs=2", "dataset.limit_train=500", "trainer.num_threads=1",
     [
         (["objective.metric=test/acc"], "never optimised"),
         (["objective.metric=train_test_gap"], "never optimised"),
-        (["objective.metric=accuracy"], "one of val/acc, val/loss, train/acc"),
+        (["objective.metric=accuracy"], "one of val/acc, val/loss, train_eval/acc"),
+        (["objective.metric=train/loss"], "train_eval/loss (train/loss is the running mean"),
         (["dataset.val_size=0"], "dataset.val_size=0 turns the validation split off"),
         (["dataset.val_size=null", "objective.metric=val/acc"], "dataset.val_size=None turns"),
         (["objective.metric=val/loss"], "objective.direction='maximize' is not allowed: minimize"),
@@ -50,7 +51,7 @@ def test_default_objective_and_what_turns_the_split_off() -> None:
         cfg = compose(config_name="config")
     assert (cfg.objective.metric, cfg.objective.direction) == ("val/acc", "maximize")
     assert cfg.dataset.val_size == 0.1
-    plan, _ = plan_from_overrides(["dataset.val_size=0", "objective.metric=train/acc"])
+    plan, _ = plan_from_overrides(["dataset.val_size=0", "objective.metric=train_eval/acc"])
     assert plan.num_samples == 1437  # no split: the whole training split
     assert plan_from_overrides([])[0].num_samples == 1293  # 1437 less ceil(143.7)
 
@@ -65,6 +66,14 @@ def test_a_run_evaluates_the_validation_part_and_returns_the_objective(tmp_path:
     assert set(OBJECTIVES) <= final.keys()  # every metric a sweep may optimise is there
     assert not any("test" in m for m in OBJECTIVES)
     assert evals[-1]["val/acc"] == final["val/acc"] and 0.5 < final["val/acc"] <= 1
+    # one meaning per name: train/* is the running mean in train mode (step rows only),
+    # train_slice/* a test-sized slice in eval mode (evaluation rows), train_eval/* the whole
+    # training split in eval mode (the summary's final)
+    steps = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "train/loss" in r]
+    assert steps and not any("test/acc" in r or "train_slice/acc" in r for r in steps)
+    assert all({"train_slice/loss", "train_slice/acc"} <= r.keys() for r in evals)
+    assert not any(k.startswith(("train/", "train_slice/")) for k in final)
+    assert {"train_eval/loss", "train_eval/acc"} <= final.keys()
     assert f"val/acc {final['val/acc']:.4f}" in p.stdout + p.stderr  # the job's return value
     # the plan's N is the training part, here and in `python -m mnistlab.plan`
     register()
@@ -98,3 +107,23 @@ def test_sweep_summary_csv_has_the_objective_column(tmp_path: Path) -> None:
     assert [float(r["val/loss"]) for r in rows] == losses
     best = min((0, 1), key=lambda i: losses[i])
     assert f"best job by val/loss (minimize): {sweep / str(best)}" in p.stdout + p.stderr
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (["optimizer.lr=0.01,0.1", "objective.metric=test/acc"], "never optimised"),
+        (["hparams_search=digits_optuna", "objective.metric=accuracy"], "one of val/acc, val/loss"),
+    ],
+)
+def test_a_sweep_checks_its_objective_once_before_any_job(
+    tmp_path: Path, overrides: list[str], needle: str
+) -> None:
+    """A sweep (basic launcher) or a search (Optuna) with a test metric or an unknown name as
+    its objective: one error line naming the key, the value and what is allowed, and no job
+    folder, trial or study is made."""
+    sweep = tmp_path / "sweep"
+    p = app(sweep, *QUICK, *overrides, multirun=True)
+    line = assert_one_line_error(p, "objective.metric=", needle)
+    assert repr(overrides[-1].partition("=")[2]) in line
+    assert not sweep.exists()  # no job folder, no sweep_summary.csv, no Optuna journal

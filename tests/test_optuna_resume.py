@@ -129,5 +129,5 @@ def test_results_agree_with_the_stored_study(stopped_twice: dict[str, Any]) -> N
     assert counts["completed"] == TRIALS and counts["failed"] == 0
     assert failed_in_study == counts["failed"] + len(counts["interrupted_and_rerun"])
     assert counts["interrupted_and_rerun"] == [1, 3]
-    best = max((t for t in final if t.value is not None), key=lambda t: t.value)
+    best = min((t for t in final if t.value is not None), key=lambda t: t.value)  # val/loss
     assert results(sweep_dir)["best_value"] == best.value

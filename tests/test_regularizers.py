@@ -124,7 +124,7 @@ def test_five_way_sweep(five_way: dict[str, Path]) -> None:
             "weights/l2_norm",
             "weights/sparsity_exact",
             "weights/sparsity_1e-3",
-            "train/acc",
+            "train_eval/acc",
             "test/acc",
             "train_test_gap",
         ):

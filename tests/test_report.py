@@ -126,6 +126,18 @@ def test_markdown_table_formats_finals_and_dotted_keys(tmp_path: Path) -> None:
     with pytest.raises(reports.ReportError, match="'nope': no run has it"):
         reports.markdown_table(runs, ["nope"])
 
+    # with a validation split: its columns before test's, rows best first by the objective
+    objective = {"metric": "val/loss", "direction": "minimize"}
+    for i, loss in enumerate((0.3, 0.1, 0.2)):
+        run = _fake_run(tmp_path / f"v{i}", [f"lr={i}"], {"val/loss": loss, "test/acc": 1 - i / 10})
+        summary = json.loads((run / "summary.json").read_text())
+        summary["config"]["objective"] = objective
+        (run / "summary.json").write_text(json.dumps(summary))
+    runs = [reports.Run.load(tmp_path / f"v{i}") for i in range(3)]
+    lines = reports.markdown_table(runs).splitlines()
+    assert lines[0].startswith("| lr | val loss | test acc |")
+    assert [ln.split(" | ")[0] for ln in lines[2:]] == ["| 1", "| 2", "| 0"]  # lowest val/loss
+
 
 def test_table_goes_between_the_markers(tmp_path: Path) -> None:
     _fake_run(tmp_path / "s" / "0", ["regularizer=none"], {"test/acc": 0.5})
@@ -235,14 +247,14 @@ def test_sweep_reports_momenta_steps_and_regularizers(
     assert proc.returncode == 0, proc.stderr[-2000:]
     for args in ([str(bn_sweep), "--each"], [str(mixed)]):  # --each: every job's report too
         assert report.main(args) == 0, capsys.readouterr().err[-2000:]
-    assert_pngs(bn_sweep / "report", ["bn_momentum.png", "test_acc.png"])
+    assert_pngs(bn_sweep / "report", ["bn_momentum.png", "accuracy.png"])
     assert not (bn_sweep / "report" / "steps.png").exists()  # one batch shape: nothing to compare
-    assert_pngs(mixed / "report", ["steps.png", "regularization.png", "test_acc.png"])
+    assert_pngs(mixed / "report", ["steps.png", "regularization.png", "accuracy.png"])
     assert not (mixed / "0" / "report").exists()  # without --each, the sweep's page only
     for job in ("0", "1"):
         assert_pngs(bn_sweep / job / "report", ["learning.png", "steps.png", "bn.png"])
     page = (bn_sweep / "report" / "report.md").read_text()
-    assert "| model.bn_momentum | test acc |" in page
+    assert "| model.bn_momentum | val acc | val loss | test acc |" in page  # validation first
     assert "[model.bn_momentum=null](../1/report/report.md)" in page
     # the sweep's step bars are each job's plan
     runs = [reports.Run.load(mixed / str(i)) for i in range(4)]
@@ -255,5 +267,8 @@ def test_sweep_reports_momenta_steps_and_regularizers(
     capsys.readouterr()
     assert report.main([str(bn_sweep), "--table"]) == 0
     body = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ")][1:]
-    accs = [f"{read_summary(bn_sweep / j)['final']['test/acc']:.4f}" for j in ("0", "1")]
-    assert [ln.split(" | ")[1] for ln in body] == accs
+    finals = {j: read_summary(bn_sweep / j)["final"] for j in ("0", "1")}
+    best_first = sorted(finals, key=lambda j: -finals[j]["val/acc"])  # the objective, maximize
+    for column, key in ((1, "val/acc"), (3, "test/acc")):
+        cells = [f"{finals[j][key]:.4f}" for j in best_first]
+        assert [ln.split(" | ")[column] for ln in body] == cells

@@ -150,12 +150,14 @@ def test_compare_table_csv_and_plot(
     lines = capsys.readouterr().out.splitlines()
     header = lines[0].split()
     assert header[:3] == ["run", "optimizer.lr", "status"]  # only the override that differs
+    # the objective (val/acc) beside status, validation before test
+    assert header[3:6] == ["val/acc", "val/loss", "test/acc"]
     assert "trainer.epochs" not in lines[0]
     assert lines[2].split()[:4] == [
         "0",
         "0.05",
         "completed",
-        f"{read_summary(sweep_dir / '0')['final']['test/acc']:.4g}",
+        f"{read_summary(sweep_dir / '0')['final']['val/acc']:.4g}",
     ]
     assert lines[3].split()[:3] == ["1", "1e+30", read_summary(sweep_dir / "1")["status"]]
 

@@ -2,7 +2,8 @@
 
 Every run folder holds a ``summary.json``; a sweep folder holds one run folder per job.
 ``python -m mnistlab.compare outputs/multirun/<day>/<time>`` (also ``mnistlab-compare``)
-prints one row per run with the overrides that tell the runs apart, runs that differ only in
+prints one row per run with the overrides that tell the runs apart, validation beside test,
+sorted by the runs' objective (``objective.metric`` in its direction); runs that differ only in
 ``trainer.seed`` as one row of ``mean ± std (n)`` (``--runs``: one row each); ``--col`` adds
 any config or summary value, ``--csv`` exports the table, ``--plot METRIC`` (repeatable) draws
 metrics from every run's ``metrics.jsonl``. It reads only files, so it works offline, on
@@ -21,6 +22,7 @@ from mnistlab.core.errors import quiet_on_closed_pipe, report
 from mnistlab.core.files import atomic_write_bytes
 from mnistlab.results.curves import plot
 from mnistlab.results.folders import (
+    OBJECTIVE,
     X_AXES,
     CompareError,
     find_runs,
@@ -43,8 +45,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Compare runs: a table of run folders (a sweep, a single run, or several).",
     )
     p.add_argument("paths", nargs="+", type=Path, help="run or sweep folders")
-    p.add_argument("--sort", default="test/acc", help="column or final metric (default test/acc)")
-    p.add_argument("--asc", action="store_true", help="sort ascending (default: descending)")
+    p.add_argument(
+        "--sort", default=OBJECTIVE,
+        help="column or final metric (default: the runs' objective, objective.metric, in its "
+        "objective.direction)",
+    )  # fmt: skip
+    p.add_argument(
+        "--asc", action="store_true",
+        help="sort ascending (default: descending, or the objective's direction)",
+    )  # fmt: skip
     p.add_argument("--csv", type=Path, metavar="PATH", help="also write the table as CSV")
     p.add_argument(
         "--col", action="append", default=[], metavar="KEY",
@@ -70,7 +79,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for path in args.paths:
             if not path.exists():
                 raise CompareError(f"{path} does not exist")
-        columns, rows = table(args.paths, args.sort, args.asc, args.col, args.runs)
+        asc, notes = True if args.asc else None, []
+        columns, rows = table(args.paths, args.sort, asc, args.col, args.runs, notes)
         print(render(columns, rows))
         if args.csv:
             atomic_write_bytes(args.csv, to_csv(rows, columns).encode())
@@ -78,6 +88,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.plot:
             out = plot(args.paths, args.plot, args.x, args.out, args.logy, args.runs)
             print(f"wrote {out}")
+        for note in notes:  # the fallbacks the table took: no validation split, no objective
+            print(f"note: {note}", file=sys.stderr)
     except CompareError as e:
         return report(str(e))
     offline = offline_wandb_runs(find_runs(list(args.paths), warn=False))

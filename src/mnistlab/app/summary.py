@@ -96,8 +96,10 @@ def completed(
         **{f"val/{k}": v for k, v in final_val.items()},
         "test/loss": final_test["loss"],
         "test/acc": final_test["acc"],
-        "train/loss": final_train["loss"],
-        "train/acc": final_train["acc"],
+        # the whole training split in eval mode: not the rows' train/* (the running mean
+        # in train mode) nor their train_slice/* (a test-sized slice)
+        "train_eval/loss": final_train["loss"],
+        "train_eval/acc": final_train["acc"],
         "train_test_gap": final_train["acc"] - final_test["acc"],
         **job.loop.regularizer.metrics(),
         **bn_part.pop("final", {}),

@@ -13,7 +13,14 @@ from mnistlab.config.schema import (
     SchedulerConfig,
     register,
 )
-from mnistlab.config.validate import COUNT, DIRECTIONS, check_choice, check_number, validate
+from mnistlab.config.validate import (
+    COUNT,
+    DIRECTIONS,
+    check_choice,
+    check_number,
+    check_objective,
+    validate,
+)
 
 __all__ = [
     "CONF_DIR",
@@ -27,6 +34,7 @@ __all__ = [
     "SchedulerConfig",
     "check_choice",
     "check_number",
+    "check_objective",
     "compose_message",
     "hydra_error_line",
     "register",

@@ -220,8 +220,8 @@ SCHEDULERS = ("constant", "step", "cosine", "onecycle", "warmup_cosine")
 OBJECTIVES = (
     "val/acc",
     "val/loss",
-    "train/acc",
-    "train/loss",
+    "train_eval/acc",
+    "train_eval/loss",
     "reg/penalty",
     "weights/l1_norm",
     "weights/l2_norm",
@@ -229,14 +229,14 @@ OBJECTIVES = (
     "bn/gap_mean",
 )
 # The objectives an evaluation row measures, by the row's key: best.pt is chosen and early
-# stopping decided on these at every evaluation. ``train/*`` is measured there on the
-# test-sized slice of training (``train_eval/*``), at the end on the whole training split.
+# stopping decided on these at every evaluation. ``train_eval/*`` (the whole training split
+# in eval mode, at the end) is read there from the test-sized slice of training (``train_slice/*``).
 # Any other objective is known only at the end: best.pt is then the last checkpoint.
 EVALUATED = {
     "val/acc": "val/acc",
     "val/loss": "val/loss",
-    "train/acc": "train_eval/acc",
-    "train/loss": "train_eval/loss",
+    "train_eval/acc": "train_slice/acc",
+    "train_eval/loss": "train_slice/loss",
 }
 ACCELERATORS = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16")

@@ -182,28 +182,47 @@ def _check_scheduler(s: Any, lr: float) -> None:
         raise ConfigError("scheduler.min_lr", s.min_lr, f"a number in [0, optimizer.lr={lr}]")
 
 
-def _check_objective(cfg: Any) -> None:
-    """A metric the final summary holds for this config, and never a test metric."""
-    metric, names = cfg.objective.metric, ", ".join(OBJECTIVES)
-    if "test" in metric:
+RUNNING = {"train/acc": "train_eval/acc", "train/loss": "train_eval/loss"}
+
+
+def check_objective(metric: Any, direction: Any) -> None:
+    """The objective by itself: a metric the final summary can hold (never a test metric)
+    and the direction its kind implies. A sweep or search checks this once, before its first
+    job (:mod:`mnistlab.sweeps.sweep`); every job checks it again with :func:`validate`."""
+    names = ", ".join(OBJECTIVES)
+    if "test" in str(metric):
         allowed = f"not a test metric (the test set is reported, never optimised): one of {names}"
         raise ConfigError("objective.metric", metric, allowed)
+    if metric in RUNNING:  # logged in rows only; the summary's is the evaluation in eval mode
+        allowed = (
+            f"{RUNNING[metric]} ({metric} is the running mean of training in train mode, in "
+            f"rows only; {RUNNING[metric]} the whole training split in eval mode): one of {names}"
+        )
+        raise ConfigError("objective.metric", metric, allowed)
     check_choice("objective.metric", metric, OBJECTIVES)
+    check_choice("objective.direction", direction, DIRECTIONS)
+    # a sweep that maximises a loss picks the worst job without a word: refuse it
+    implied = {"loss": "minimize", "acc": "maximize"}.get(metric.rpartition("/")[2])
+    if implied is not None and direction != implied:
+        allowed = f"{implied} for objective.metric={metric}"
+        raise ConfigError("objective.direction", direction, allowed)
+
+
+def _check_objective(cfg: Any) -> None:
+    """A metric the final summary holds for this config, and never a test metric."""
+    metric = cfg.objective.metric
+    check_objective(metric, cfg.objective.direction)
     if metric.startswith("val/") and not cfg.dataset.val_size:
         raise ConfigError(
             "objective.metric",
             metric,
             f"a metric the run has: dataset.val_size={cfg.dataset.val_size} turns the "
-            "validation split off; set dataset.val_size (e.g. 0.1) or objective.metric=train/acc",
+            "validation split off; set dataset.val_size (e.g. 0.1) or "
+            "objective.metric=train_eval/acc",
         )
     if metric.startswith("bn/") and not cfg.model.bn:
         allowed = "a metric the run has: model.bn=false has no BatchNorm statistics"
         raise ConfigError("objective.metric", metric, allowed)
-    # a sweep that maximises a loss picks the worst job without a word: refuse it
-    implied = {"loss": "minimize", "acc": "maximize"}.get(metric.rpartition("/")[2])
-    if implied is not None and cfg.objective.direction != implied:
-        allowed = f"{implied} for objective.metric={metric}"
-        raise ConfigError("objective.direction", cfg.objective.direction, allowed)
 
 
 def _check_early_stopping(cfg: Any) -> None:

@@ -39,7 +39,7 @@ class Callback:
         self, counter: StepCounter, running: Running, metrics: dict[str, float]
     ) -> None:
         """After an evaluation row (``metrics``: its values by key, ``val/acc``,
-        ``train_eval/loss``, ...) was logged, before ``on_epoch_end``: the best checkpoint
+        ``train_slice/loss``, ...) was logged, before ``on_epoch_end``: the best checkpoint
         and early stopping read it."""
 
     def on_epoch_end(self, counter: StepCounter, running: Running) -> None:

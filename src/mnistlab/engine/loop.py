@@ -244,11 +244,12 @@ class Loop:
 
     def eval_splits(self) -> dict[str, Split]:
         """What an evaluation row measures, by its prefix: the validation part (what a sweep
-        selects on), the test set (reported) and a test-sized slice of training (the
-        train-test gap in eval mode, cheaply)."""
+        selects on), the test set (reported) and a test-sized slice of training
+        (``train_slice/*``: the train-test gap in eval mode, cheaply; the whole training
+        split in eval mode is the summary's ``train_eval/*``, measured once at the end)."""
         splits = {"val": self.val} if self.val is not None else {}
         part = Split(self.train.x[: len(self.test)], self.train.y[: len(self.test)])
-        return splits | {"test": self.test, "train_eval": part}
+        return splits | {"test": self.test, "train_slice": part}
 
     def _after_step(self, counter: StepCounter, run: Running, result: Fit, lr: float) -> None:
         """The finite-loss check, this step's row (on the cadence, with the rate ``lr`` the
@@ -292,7 +293,7 @@ class Loop:
             args = (self.cfg.eval_batch_size, self.cfg.precision)
             measured = {k: evaluate(self.model, s, *args) for k, s in self.eval_splits().items()}
         row: dict[str, Any] = {f"{k}/{m}": v for k, got in measured.items() for m, v in got.items()}
-        row["train_test_gap"] = row["train_eval/acc"] - row["test/acc"]
+        row["train_test_gap"] = row["train_slice/acc"] - row["test/acc"]
         result.timings["eval_s"] += time.perf_counter() - t0
         self.sinks.log(position(counter, self.plan) | row, kind="eval")
         for c in self.callbacks:

@@ -55,7 +55,10 @@ class JsonlSink:
 
 
 class ConsoleSink:
-    """A progress bar on a terminal, plain periodic lines in logs and CI."""
+    """A progress bar on a terminal, plain periodic lines in logs and CI. The bar shows the
+    last value of each of :data:`BAR_KEYS`, validation first (what a sweep selects on)."""
+
+    BAR_KEYS = ("val/loss", "val/acc", "test/acc", "train/loss", "epoch")
 
     def __init__(self, total_steps: int, mode: str = "auto", initial: int = 0) -> None:
         if mode == "auto":
@@ -64,6 +67,7 @@ class ConsoleSink:
         self.every = max(1, total_steps // 10)  # plain lines: about ten per run, plus evals
         self.next_line = initial + self.every
         self.bar = None
+        self.shown: dict[str, Any] = {}  # the bar's values: each key's last, from any row
         if mode == "bar":
             from tqdm import tqdm
 
@@ -74,9 +78,9 @@ class ConsoleSink:
             return
         if self.bar is not None:
             self.bar.update(row["optimizer_step"] - self.bar.n)
-            keys = ("train/loss", "val/acc", "test/acc", "epoch")
-            shown = {k: v for k, v in row.items() if k in keys}
-            self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
+            self.shown.update((k, row[k]) for k in self.BAR_KEYS if k in row)
+            shown = {k: f"{self.shown[k]:.4g}" for k in self.BAR_KEYS if k in self.shown}
+            self.bar.set_postfix(shown, refresh=False)
         step, evaluation = row.get("optimizer_step", 0), kind == "eval"
         if self.bar is None and not evaluation and step < self.next_line:
             return

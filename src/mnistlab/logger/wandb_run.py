@@ -29,12 +29,13 @@ from mnistlab.logger.keys import layer_key, module_path, shown_row
 
 log = logging.getLogger("mnistlab")
 
-# W&B keeps best and final of these in the run summary (``test/acc.max``, ``test/acc.last``)
+# W&B keeps best and final of these in the run summary (``val/acc.max``, ``val/acc.last``),
+# validation first: what a sweep selects on, then the test set it reports
 SUMMARIES = {
-    "test/acc": "max,last",
-    "test/loss": "min,last",
     "val/acc": "max,last",
     "val/loss": "min,last",
+    "test/acc": "max,last",
+    "test/loss": "min,last",
 }
 LABEL_CHARS = 128  # W&B's limit for a name or group; a longer label is cut and made unique
 LAYERS = "bn_layers"  # W&B's section for the per-layer BN table and chart

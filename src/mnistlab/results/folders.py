@@ -28,6 +28,8 @@ COLUMNS = (
     "run",
     "overrides",
     "status",
+    "val/acc",
+    "val/loss",
     "test/acc",
     "test/loss",
     "bn/gap_mean",
@@ -102,6 +104,8 @@ def row_of(run: Path) -> dict[str, Any]:
         "run": str(run),
         "overrides": " ".join(s.get("overrides", [])),
         "status": s.get("status", "unknown"),
+        "val/acc": final.get("val/acc"),
+        "val/loss": final.get("val/loss"),
         "test/acc": final.get("test/acc"),
         "test/loss": final.get("test/loss"),
         "bn/gap_mean": final.get("bn/gap_mean"),
@@ -153,7 +157,9 @@ def best(rows: list[dict[str, Any]], metric: str, direction: str) -> dict[str, A
 
 # --- the table ----------------------------------------------------------------------------------
 
-SHOWN = ("status", "test/acc", "bn/gap_mean", "counted_steps", "wall_s")
+SHOWN = ("status", "val/acc", "val/loss", "test/acc", "bn/gap_mean", "counted_steps", "wall_s")
+VAL = ("val/acc", "val/loss")
+OBJECTIVE = "objective"  # the table's default sort: the runs' own objective.metric and direction
 EXAMPLES = ("test/loss", "trainer.batch_size", "trainer.seed", "counted/total_micro_batches")
 X_AXES = ("optimizer_step", "samples_seen", "epoch")
 
@@ -208,16 +214,42 @@ def seed_groups(rows: list[dict[str, Any]]) -> list[list[int]] | None:
     return list(groups.values())
 
 
+def objective_of(rows: list[dict[str, Any]]) -> tuple[str, bool, str]:
+    """What rows are ranked by when no column is asked for: the runs' objective
+    (``objective.metric``, ascending when ``objective.direction`` is minimize), with a note
+    ("" if none) when the runs name several objectives (the first run's wins) or none (then
+    validation accuracy, else test accuracy: said so)."""
+    named = list(dict.fromkeys(
+        (r["objective.metric"], r.get("objective.direction")) for r in rows
+        if r.get("objective.metric")
+    ))  # fmt: skip
+    if named:
+        metric, direction = named[0]
+        note = ""
+        if len(named) > 1:
+            others = ", ".join(f"{m} ({d})" for m, d in named)
+            note = f"the runs' objectives differ ({others}): sorted by {metric}; --sort picks one"
+        return metric, direction == "minimize", note
+    fallback = "val/acc" if any(number(r.get("val/acc")) is not None for r in rows) else "test/acc"
+    return fallback, False, f"no objective in the runs' config: sorted by {fallback}"
+
+
 def table(
     paths: Sequence[Path],
-    sort: str | None = "test/acc",
-    ascending: bool = False,
+    sort: str | None = OBJECTIVE,
+    ascending: bool | None = None,
     cols: Sequence[str] = (),
     per_run: bool = False,
+    notes: list[str] | None = None,
 ) -> tuple[list[str], list[dict[str, Any]]]:
-    """Columns and rows of the comparison, sorted by ``sort`` (missing values last): one row
-    per configuration, seeds aggregated (:func:`seed_groups`), or one per run (``per_run``).
-    ``cols``: extra columns, any key :func:`row_of` knows."""
+    """Columns and rows of the comparison, sorted by ``sort`` (missing values last; default:
+    the runs' objective in its direction, its column beside ``status``; ``ascending`` None:
+    descending, or the objective's direction): one row per configuration, seeds aggregated
+    (:func:`seed_groups`), or one per run (``per_run``). ``cols``: extra columns, any key
+    :func:`row_of` knows. Validation comes before test; runs without a validation split
+    have no ``val/*`` columns. ``notes`` gets a line for each fallback taken (no split; no
+    objective, or several)."""
+    notes = [] if notes is None else notes
     runs = existing_runs(paths)
     rows = [row_of(r) for r in runs]
     for row, label in zip(rows, label_runs(runs), strict=True):
@@ -225,15 +257,26 @@ def table(
     keys = differing_overrides(rows) if len(rows) > 1 else []
     for row in rows:
         row.update({k: v for k, v in parse_overrides(row["overrides"]).items() if k in keys})
-    columns = ["run", *keys, *(["overrides"] if not keys else []), *SHOWN]
+    shown = list(SHOWN)
+    if not any(number(r.get(k)) is not None for r in rows for k in VAL):
+        shown = [c for c in shown if c not in VAL]
+        notes.append("no run has a validation split (dataset.val_size=0): no val/* columns")
+    columns = ["run", *keys, *(["overrides"] if not keys else []), *shown]
     known = set().union(*rows)
     for c in cols:
         check_known("--col", c, known)
     columns += [c for c in cols if c not in columns]
-    if sort:
+    if sort == OBJECTIVE:
+        sort, by_direction, note = objective_of(rows)
+        ascending = by_direction if ascending is None else ascending
+        if note:
+            notes.append(note)
+        columns = with_objective(columns, sort)
+    elif sort:
         check_known("--sort", sort, known)
-        if sort not in columns:
-            columns.append(sort)
+    if sort and sort not in columns:
+        columns.append(sort)
+    ascending = bool(ascending)
     groups = None if per_run else seed_groups(rows)
     if groups is not None:
         rows = [merge_rows([rows[i] for i in g], columns) for g in groups]

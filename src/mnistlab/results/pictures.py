@@ -320,8 +320,9 @@ def draw_regularization(
     _line(nm, weights["weights/l2_norm"], True, label="L2 norm", color="C0")
     _line(nm, weights["weights/l1_norm"], True, label="L1 norm", color="C2")
     _finish(nm, "norms of the regularized weights", "norm", True, STEP)
-    _line(ac, acc["train_eval/acc"], label="train (eval mode, test-sized slice)", color="C0")
+    _line(ac, acc["val/acc"], label="validation", color="C3")
     _line(ac, acc["test/acc"], label="test", color="C1")
+    _line(ac, acc["train_slice/acc"], label="train (eval mode, test-sized slice)", color="C0")
     gap = ac.twinx()
     _line(gap, acc["train_test_gap"], color="C3", ls="--", label="train - test gap (right)")
     gap.set_ylabel("train - test gap", color="C3")
@@ -377,19 +378,26 @@ def _draw_histogram(ax: Axes, hist: Histogram | None, title: str = "") -> None:
     ax.set_ylim(bottom=0.5)
 
 
+LEARNING = {  # split: (label, color, line width); validation first: the objective's split
+    "val": ("validation (what a sweep selects on)", "C3", 2.0),
+    "test": ("test (reported, never selected on)", "C2", 1.5),
+    "train": ("train (train mode, mean since the previous row)", "C0", 1.5),
+    "train_slice": ("train (eval mode, test-sized slice)", "C1", 1.5),
+}
+
+
 def draw_learning(loss: dict[str, Series], acc: dict[str, Series]) -> Figure:
-    """Loss and accuracy, train and test, over optimizer steps."""
+    """Loss and accuracy over optimizer steps: validation, test, and training both as the
+    running mean in train mode and in eval mode on a slice. A run without a validation split
+    says so in the title."""
     fig = new_figure(13, 4.6)
     lo, ac = fig.subplots(1, 2)
-    labels = {
-        "train": "train (train mode, mean since the previous row)",
-        "train_eval": "train (eval mode, test-sized slice)",
-        "test": "test",
-    }
-    for j, (split, label) in enumerate(labels.items()):
-        _line(lo, loss[f"{split}/loss"], True, label=label, color=f"C{j}")
-        _line(ac, acc[f"{split}/acc"], label=label, color=f"C{j}")
+    for split, (label, color, width) in LEARNING.items():
+        _line(lo, loss[f"{split}/loss"], True, label=label, color=color, lw=width)
+        _line(ac, acc[f"{split}/acc"], label=label, color=color, lw=width)
     _finish(lo, "loss", "cross-entropy (log)", True, STEP)
     _finish(ac, "accuracy", "accuracy", xlabel=STEP)
-    fig.suptitle("Learning curves", fontsize=12)
+    has_val = any(len(s.y) for s in (loss["val/loss"], acc["val/acc"]))
+    note = "" if has_val else " (no validation split: dataset.val_size=0)"
+    fig.suptitle("Learning curves" + note, fontsize=12)
     return fig

@@ -22,11 +22,13 @@ from mnistlab.core.errors import UserError
 from mnistlab.core.files import atomic_write_bytes, flatten
 from mnistlab.results import pictures as draw
 from mnistlab.results import series
+from mnistlab.results.aggregate import number
 from mnistlab.results.curves import plot
 from mnistlab.results.folders import (
     CompareError,
     differing_overrides,
     label_runs,
+    objective_of,
     parse_overrides,
     read_metrics,
 )
@@ -110,12 +112,14 @@ def _regularization(run: Run) -> Any:
     knobs = ", ".join(f"{k}={r[k]}" for k in ("l1", "l2", "dropout") if r.get(k))
     title = f"Regularization: {r.get('name', '?')}" + (f" ({knobs})" if knobs else "")
     acc = series.columns(run.rows, series.ACCURACY_KEYS)
-    final = {k: series.last_value(run.rows, run.summary, k) for k in series.ACCURACY_KEYS}
+    keys = ("train_eval/acc", "val/acc", "test/acc", "train_test_gap")
+    final = {k: series.last_value(run.rows, run.summary, k) for k in keys}
     note = ""
-    if None not in final.values():
+    if None not in (final["train_eval/acc"], final["test/acc"], final["train_test_gap"]):
+        val = "" if final["val/acc"] is None else f"validation {final['val/acc']:.4f}, "
         note = (
-            f"at the end: train {final['train/acc']:.4f} (whole set), "
-            f"test {final['test/acc']:.4f}, gap {final['train_test_gap']:.4f}"
+            f"at the end: train {final['train_eval/acc']:.4f} (whole set, eval mode), "
+            f"{val}test {final['test/acc']:.4f}, gap {final['train_test_gap']:.4f}"
         )
     return draw.draw_regularization(_weights(run), weights, acc, title, note)
 
@@ -148,8 +152,9 @@ RUN_PICTURES = (
         "learning.png",
         "Learning",
         _learning,
-        "Loss (log scale) and accuracy over optimizer steps: the running training average, the "
-        "training set in eval mode and the test set.",
+        "Loss (log scale) and accuracy over optimizer steps: validation (what a sweep selects "
+        "on; none without a split), the test set, the running training mean in train mode "
+        "(train/*) and a test-sized training slice in eval mode (train_slice/*).",
     ),
     Picture(
         "steps.png",
@@ -286,13 +291,34 @@ def _sweep_weights(runs: Sequence[Run]) -> Any:
     return draw.draw_histograms([(x, _weights(r)) for r, x in zip(runs, labels, strict=True)])
 
 
-def _sweep_test_acc(runs: Sequence[Run], out: Path) -> Path | None:
-    """``test_acc.png``: test accuracy of every run, drawn as ``compare --plot`` draws it."""
-
+def _sweep_accuracy(runs: Sequence[Run], out: Path) -> Path | None:
+    """``accuracy.png``: validation accuracy (what the sweep selects on; left out when no run
+    has a split) above test accuracy, every run drawn as ``compare --plot`` draws it, the
+    legend in the order of the objective."""
+    has_val = any(series.column(r.rows, "val/acc").y for r in runs)
+    metrics = ["val/acc", "test/acc"] if has_val else ["test/acc"]
     try:
-        return plot([r.path for r in runs], "test/acc", out=out)
+        return plot([r.path for r in runs], metrics, out=out)
     except CompareError:  # no run reached an evaluation
         return None
+
+
+def by_objective(runs: Sequence[Run]) -> list[Run]:
+    """``runs`` best first by their objective (``objective.metric`` in its direction; runs
+    without a value last), as ``compare`` sorts them (:func:`objective_of`)."""
+    rows = [
+        {
+            "objective.metric": r.config.get("objective", {}).get("metric"),
+            "objective.direction": r.config.get("objective", {}).get("direction"),
+            "val/acc": _value(r.summary, "val/acc"),
+        }
+        for r in runs
+    ]
+    metric, ascending, _ = objective_of(rows)
+    scored = [r for r in runs if number(_value(r.summary, metric)) is not None]
+    scored.sort(key=lambda r: number(_value(r.summary, metric)), reverse=not ascending)  # type: ignore[arg-type,return-value]
+    done = {id(r) for r in scored}
+    return scored + [r for r in runs if id(r) not in done]
 
 
 SWEEP_PICTURES = (
@@ -328,13 +354,17 @@ def write_sweep_report(folder: Path, run_dirs: Sequence[Path], each: bool = Fals
     written: list[Path] = []
     for path in run_dirs if each else ():
         written += write_report(path)
-    runs = [Run.load(p) for p in run_dirs]
+    runs = by_objective([Run.load(p) for p in run_dirs])
     out = Path(folder) / REPORT
     sections = [f"# mnistlab sweep report: {Path(folder).name}\n", markdown_table(runs), ""]
-    acc = _sweep_test_acc(runs, out / "test_acc.png")
+    acc = _sweep_accuracy(runs, out / "accuracy.png")
     if acc is not None:
         written.append(acc)
-        sections.append("## Test accuracy\n\n![Test accuracy](test_acc.png)\n")
+        sections.append(
+            "## Validation and test accuracy\n\n![Validation and test accuracy](accuracy.png)\n\n"
+            "Validation (what the sweep selects on) above test (reported, never selected on); "
+            "runs in the order of the objective.\n"
+        )
     for picture in SWEEP_PICTURES:
         fig = picture.build(runs)
         if fig is not None:
@@ -353,8 +383,10 @@ def write_sweep_report(folder: Path, run_dirs: Sequence[Path], each: bool = Fals
 
 # (key, heading, format): the default columns, those of the README's regularizer table
 TABLE: tuple[tuple[str, str, str], ...] = (
+    ("val/acc", "val acc", "{:.4f}"),
+    ("val/loss", "val loss", "{:.4f}"),
     ("test/acc", "test acc", "{:.4f}"),
-    ("train/acc", "train acc", "{:.4f}"),
+    ("train_eval/acc", "train acc", "{:.4f}"),
     ("train_test_gap", "train–test gap", "{:.4f}"),
     ("weights/l2_norm", "weight L2 norm", "{:.2f}"),
     ("weights/sparsity_exact", "exact zeros", "{:.1%}"),
@@ -378,8 +410,11 @@ def _cell(value: Any, fmt: str) -> str:
 
 
 def markdown_table(runs: Sequence[Run], keys: Sequence[str] | None = None) -> str:
-    """One row per run: the overrides that tell the runs apart, then ``keys`` (default
-    :data:`TABLE`): final metrics, or summary values by dotted path (``config.regularizer.l1``)."""
+    """One row per run, best first by the runs' objective (:func:`by_objective`): the
+    overrides that tell the runs apart, then ``keys`` (default :data:`TABLE`, validation before
+    test; a column no run has is left out): final metrics, or summary values by dotted path
+    (``config.regularizer.l1``)."""
+    runs = by_objective(runs)
 
     def some_run_has(key: str) -> bool:
         return any(_value(r.summary, key) is not None for r in runs)

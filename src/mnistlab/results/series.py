@@ -264,8 +264,8 @@ WEIGHT_KEYS = (
     "weights/l1_norm",
     "weights/l2_norm",
 )
-ACCURACY_KEYS = ("train/acc", "train_eval/acc", "test/acc", "train_test_gap")
-LOSS_KEYS = ("train/loss", "train_eval/loss", "test/loss")
+ACCURACY_KEYS = ("train/acc", "train_slice/acc", "val/acc", "test/acc", "train_test_gap")
+LOSS_KEYS = ("train/loss", "train_slice/loss", "val/loss", "test/loss")
 
 
 def columns(rows: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[str, Series]:

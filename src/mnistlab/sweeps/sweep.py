@@ -28,6 +28,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from mnistlab.config import check_objective
 from mnistlab.config.schema import uses
 from mnistlab.core import signals
 from mnistlab.core.errors import ConfigError, report
@@ -40,6 +41,7 @@ class Sweep(Callback):
     """The sweep's start (launcher check, stop handling) and end (``sweep_summary.csv``)."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _check_objective(config.objective)
         _check_launcher(config.hydra.launcher)
         _check_sweeps(list(config.hydra.overrides.task))
         signals.install_for_sweep(Stop(Path(config.hydra.sweep.dir), config.objective))
@@ -87,6 +89,16 @@ def _check_launcher(launcher: Any) -> None:
     if "stacked" in target and launcher.get("max_group", 1) < 1:
         error = ConfigError("hydra.launcher.max_group", launcher.max_group, "an integer >= 1")
         sys.exit(report(str(error)))
+
+
+def _check_objective(objective: Any) -> None:
+    """The objective the sweep or search selects on, checked once before its first job: a
+    test metric or an unknown name is one line (exit 2), not one failed job per job. What
+    depends on other keys (a validation split, BatchNorm) each job checks itself."""
+    try:
+        check_objective(objective.metric, objective.direction)
+    except ConfigError as e:
+        sys.exit(report(str(e)))
 
 
 def _check_sweeps(overrides: list[str]) -> None:
