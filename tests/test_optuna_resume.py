@@ -23,7 +23,7 @@ from optuna.trial import TrialState
 from mnistlab.sweeps.search import JOURNAL, RESULTS, RETRY_OF
 
 from faults import KillInJob, SignalInJob, override
-from support import read_summary, run_app
+from support import app, read_summary, run_app
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +41,13 @@ JOB_NUM = "${hydra:job.num}"
 
 
 def search(sweep_dir: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    """A search its fault kills or stops: in its own process."""
     return run_app(sweep_dir, *COMMAND, *extra, multirun=True, timeout=300)
+
+
+def search_here(sweep_dir: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    """A search that runs to its end: in this process, as ``python -m mnistlab.train``."""
+    return app(sweep_dir, *COMMAND, *extra, multirun=True)
 
 
 def trials(sweep_dir: Path) -> list[optuna.trial.FrozenTrial]:
@@ -69,9 +75,9 @@ def stopped_twice(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out["after_kill"] = trials(sweep_dir)
     out["stopped"] = search(sweep_dir, *override("f", SignalInJob, job=JOB_NUM, stop=3, at=3))
     out["after_stop"] = trials(sweep_dir)
-    out["resumed"] = search(sweep_dir, "trainer.resume=true")  # as the stop message says
+    out["resumed"] = search_here(sweep_dir, "trainer.resume=true")  # as the stop message says
     out["final"] = trials(sweep_dir)
-    out["again"] = search(sweep_dir)
+    out["again"] = search_here(sweep_dir)
     return out
 
 
