@@ -48,7 +48,11 @@ sys.path[:0] = [str(SCRIPTS.parent / "src"), str(SCRIPTS)]
 from benchkit.common import Bench, Row, console_line, markdown  # noqa: E402
 from benchkit.gpu import row_cuda  # noqa: E402
 from benchkit.loops import train_flops_per_sample  # noqa: E402
-from benchkit.overheads import row_overheads_default, row_overheads_mnist  # noqa: E402
+from benchkit.overheads import (  # noqa: E402
+    row_bn_points,
+    row_overheads_default,
+    row_overheads_mnist,
+)
 from benchkit.processes import row_load, row_startup, row_sweep, row_threads  # noqa: E402
 from benchkit.runs import write_idx  # noqa: E402
 from benchkit.speed import (  # noqa: E402
@@ -76,6 +80,7 @@ ROWS: list[Callable[[Bench], list[Row]]] = [
     row_flops,
     row_overheads_default,
     row_overheads_mnist,
+    row_bn_points,
     row_startup,
     row_sweep,
     row_stacked_steps,
@@ -103,6 +108,7 @@ ROW_NAMES = [
     "share_bn_stats_mnist_mlp",
     "share_wandb_mnist_mlp",
     "share_eval_mnist_mlp",
+    *(f"share_bn_points_{d}_{m}" for m in ("mlp", "cnn", "lenet") for d in ("digits", "mnist")),
     "startup_first_step",
     "startup_heavy_imports",
     "sweep_10_jobs",

@@ -410,8 +410,13 @@ def test_default_run_logs_bn_gaps_and_summary(tmp_path: Path) -> None:
     rows = _bn_rows(a)
     s = read_summary(a)
     total = s["plan"]["total_steps"]
-    every = total // 20
-    assert [r["optimizer_step"] for r in rows] == [*range(every, total, every), total]
+    steps = [r["optimizer_step"] for r in rows]
+    # about 20 points, thinned to what the budget affords: every k-th, each over the whole set
+    every = steps[0] if len(steps) > 1 else total
+    assert steps == [*range(every, total, every), total]
+    assert every == total or every % (total // 20) == 0
+    assert {r["bn/probe_samples"] for r in rows} == {s["plan"]["num_samples"]}
+    assert {r["bn/probe_noise_share"] for r in rows} == {0.0}
     assert set(s["bn"]) == {"2", "5"}  # the MLP's two BatchNorm1d layers
     for name, vals in s["bn"].items():
         assert vals["num_batches_tracked"] == s["counted"]["total_micro_batches"]
@@ -454,23 +459,90 @@ def test_recalibrate_and_grad_accum_end_to_end(tmp_path: Path) -> None:
     assert not math.isnan(f["bn/gap_mean"])
 
 
-def test_default_probe_is_a_subset_periodically_and_the_whole_set_at_the_end(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(bn_monitor, "PERIODIC_PROBE", 150)
+def test_default_points_measure_the_whole_set_as_views_of_the_data() -> None:
     model, x, _ = _trained()
     mon = Monitor(model, x, batch_size=32, cadence=Cadence.of(40, bn=10))
-    assert mon.sizes == {"periodic": 150, "final": 400}
-    assert torch.equal(mon.index["periodic"], mon.index["final"][:150])  # nested
-    assert mon.probe_noise("final") == 0.0
-    assert mon.probe_noise("periodic") == pytest.approx(32 / 150 * 250 / 399)
-    periodic, final = mon.on_step(10), mon.on_step(40)
-    assert periodic is not None and final is not None
-    assert mon.last_step == 40  # finish() reuses the whole-set measurement
+    assert mon.sizes == {"periodic": 400, "final": 400} and mon.every == 10
+    seen, index, order = mon.probe("periodic")
+    assert seen is x and index is None and torch.equal(order, mon.perm)  # no gather
+    assert mon.probe_noise("periodic") == mon.noise_share("periodic") == 0.0
+    periodic = mon.on_step(10)
+    assert periodic is not None
+    assert periodic["bn/probe_samples"] == 400 and periodic["bn/probe_noise_share"] == 0.0
     exact = gap_metrics(model, exact_stats(model, x, batch_size=32))
-    assert final["bn/5/mean_gap_mean"] == pytest.approx(exact["5"]["mean_gap_mean"], rel=1e-6)
-    # the prediction at a periodic point includes the probe's sampling error
-    assert periodic["bn/5/pred_mean_gap_noise"] > final["bn/5/pred_mean_gap_noise"]
+    assert periodic["bn/5/mean_gap_mean"] == pytest.approx(exact["5"]["mean_gap_mean"], rel=1e-6)
+    # the sub-batches are random batches of the seeded permutation, as a gathered pass's
+    gathered = exact_stats(model, x, mon.perm, batch_size=32)
+    viewed = exact_stats(model, x, batch_size=32, sub_batch_order=mon.perm)
+    for n, s in gathered.items():
+        assert torch.allclose(viewed[n].batch_mean.var, s.batch_mean.var, rtol=1e-6)
+        assert torch.allclose(viewed[n].batch_var.mean, s.batch_var.mean, rtol=1e-6)
+    # the initial bias is (1 - m)^t |mu_0 - mu|: ~0 after 12 updates at m = 0.1 is 0.28 of it
+    w0 = exact["5"]["pred_init_weight"]
+    assert w0 == pytest.approx(0.9**12)
+    final = mon.on_step(40)
+    assert final is not None and mon.last_step == 40  # finish() reuses it
+
+
+def test_the_budget_shrinks_the_probe_to_the_noise_floor_or_thins_the_points() -> None:
+    model, x, _ = _trained()
+    cadence = Cadence.of(400, bn=20)  # 19 mid-run points
+    cheap = Monitor(model, x, batch_size=32, cadence=cadence, train_samples=10**7)
+    assert cheap.sizes["periodic"] == 400 and cheap.every == 20
+    # training as long as one pass: the budget cannot afford 19 whole-set points
+    kept = Monitor(model, x, batch_size=32, cadence=cadence, train_samples=12_800)
+    floor = kept.noise_floor(12_800, 19)
+    assert kept.every == 20 and floor <= kept.sizes["periodic"] < 400
+    b, n, p = 32, 400, kept.sizes["periodic"]
+    assert kept.probe_noise("periodic") == pytest.approx(b / p * (n - p) / (n - 1))
+    # at the first point (20 updates) the probe's own noise is at most 10% of the EMA's
+    assert kept.probe_noise("periodic") / noise_factor(0.1, 20) <= bn_monitor.NOISE_SHARE
+    row = kept.on_step(20)  # the share as it stands (this model has seen 12 updates)
+    assert row is not None and row["bn/probe_noise_share"] == pytest.approx(
+        kept.probe_noise("periodic") / noise_factor(0.1, 12)
+    )
+    thinned = Monitor(model, x, batch_size=32, cadence=cadence, train_samples=12_800, thin=True)
+    assert thinned.sizes["periodic"] == 400 or thinned.sizes["periodic"] >= floor
+    assert thinned.every is None or thinned.every % 20 == 0
+    # an explicit probe is used as asked, its noise share reported
+    explicit = Monitor(model, x, batch_size=32, cadence=cadence, probe_samples=100)
+    row = explicit.on_step(20)
+    assert row is not None and row["bn/probe_samples"] == 100
+    assert row["bn/probe_noise_share"] > bn_monitor.NOISE_SHARE
+
+
+def _ratios(lr: float, momentum: float) -> list[float]:
+    """Mid-run measured / predicted mean gap of one BN layer, SGD at rate ``lr``."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 10, generator=g) * 1.5 + 0.5
+    y = (x[:, 0] + x[:, 1] > 0.5).long()
+    model = nn.Sequential(nn.Linear(10, 32), nn.BatchNorm1d(32, momentum=momentum), nn.ReLU(),
+                          nn.Linear(32, 2))  # fmt: skip
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    steps, b = 400, 16
+    mon = Monitor(model, x, batch_size=b, cadence=Cadence.of(steps, bn=10))
+    out = []
+    for step in range(1, steps + 1):
+        i = torch.randint(0, 512, (b,), generator=g)
+        nn.functional.cross_entropy(model(x[i]), y[i]).backward()
+        opt.step()
+        opt.zero_grad()
+        row = mon.on_step(step)
+        if row is not None and step < steps:
+            out.append(row["bn/1/gap_vs_pred"])
+    return out
+
+
+def test_mid_run_ratio_shows_planted_drift_and_stays_near_one_when_stationary() -> None:
+    """The whole-set points test the theory: weights that outrun a slow EMA (a large rate,
+    momentum 0.01) read well above 1; frozen weights (rate 0) read about 1."""
+    drift = _ratios(lr=2.0, momentum=0.01)
+    still = _ratios(lr=0.0, momentum=0.01)  # the same slow EMA, stationary input
+    late = slice(len(drift) // 2, None)  # after the initial bias has faded
+    assert sum(drift[late]) / len(drift[late]) > 1.5, drift
+    assert 0.75 < sum(still) / len(still) < 1.3, still
+    assert 0.75 < sum(still[late]) / len(still[late]) < 1.3, still
 
 
 def test_console_lines_keep_bn_aggregates_only(caplog: pytest.LogCaptureFixture) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .common import NA, Bench, Row, pct
-from .runs import ours
+from .runs import mnist_overrides, ours
 
 
 def row_overheads_default(b: Bench) -> list[Row]:
@@ -96,3 +96,30 @@ def _eval_share(label: str, timings: dict[str, Any]) -> Row:
         ratio=pct(share),
         note="per-epoch test evaluation inside the training time",
     )
+
+
+def row_bn_points(b: Bench) -> list[Row]:
+    """The BN points' share of training time (every point over the whole training set, or
+    what the budget chose; timings.bn_stats_s / train_s) per model, on the digits (the default
+    run, model swapped) and on MNIST-format data."""
+    n, e = b.n(2000, 500), b.n(10, 4)
+    out = []
+    for model in ("mlp", "cnn", "lenet"):
+        for label, overrides in (
+            ("digits", [f"model={model}", *([] if not b.quick else ["trainer.epochs=4"])]),
+            ("mnist", mnist_overrides(b, model, n, batch=32, epochs=e)),
+        ):
+            s, _, _ = ours(b, overrides)
+            t = s["timings"]
+            share = t["bn_stats_s"] / t["train_s"]
+            out.append(
+                Row(
+                    f"share_bn_points_{label}_{model}",
+                    f"{t['bn_stats_s']:.3f} s of {t['train_s']:.3f} s",
+                    ratio=f"{share:.3f}",
+                    target="<= 0.10",
+                    ok=share <= 0.10,
+                    note=f"{'; '.join(o for o in overrides if 'root' not in o)}",
+                )
+            )
+    return out

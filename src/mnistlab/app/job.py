@@ -83,7 +83,7 @@ def setup(cfg: DictConfig, out_dir: Path, rank: int = 0, world_size: int = 1) ->
     monitor = Monitor(
         model, train.x, batch_size=t.batch_size, cadence=cadence, probe_samples=b.probe_samples,
         seed=t.seed, precision=t.precision, rank=rank, world_size=world_size,
-        train_samples=plan.samples_seen,
+        train_samples=plan.samples_seen, thin=b.every_n_steps is None,
     )  # fmt: skip
     ids = resumed["extra"] if resumed is not None else None  # the W&B run, its name and group
     out = sinks.build(

@@ -40,13 +40,16 @@ def _per_channel(
 
     In units of what BN itself divides by, sqrt(var + eps): a channel that L1 or a dead ReLU
     left constant (var 0) then reads as a gap of ~0, not as 1e4 standard deviations."""
-    mean, var, bm_mean, bm_var, bv_mean, bv_var, rm, rv = cols
+    mean, var, _bm_mean, bm_var, bv_mean, bv_var, rm, rv = cols
     var_c = var + eps
     std = np.sqrt(var_c)
     gap = np.abs(rm - mean) / std
     lvr = np.log((np.maximum(rv, 0.0) + eps) / var_c)
-    # Mean: E[running] = w0 * 0 + (1 - w0) * E[batch mean]; noise from sd(batch mean).
-    bias = (w0 * INIT_MEAN + (1 - w0) * bm_mean - mean) / std
+    # Mean: E[running] = w0 * mu_0 + (1 - w0) * E[batch mean], and a random batch's mean has
+    # expectation mu itself: the bias is the initial value's, (1 - m)^t * (mu_0 - mu). (The
+    # sub-batches' own average, bm_mean, differs from mu by the samples no whole sub-batch
+    # holds, or by a probe's offset: sampling noise, counted in the noise terms.)
+    bias = w0 * (INIT_MEAN - mean) / std
     noise = np.sqrt((f2 + probe_noise) * bm_var) / std
     # Variance: E[running] = w0 * 1 + (1 - w0) * E[batch var]; the log by the delta method.
     expect_rv = np.maximum(w0 * INIT_VAR + (1 - w0) * bv_mean, 0.0) + eps

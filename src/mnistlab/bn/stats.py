@@ -124,70 +124,77 @@ class _StopForward(Exception):
     """Raised by the last hook needed: nothing downstream of it matters to the pass."""
 
 
-def _channel_dims(x: Tensor) -> tuple[int, ...]:
-    return (0, *range(2, x.dim()))
-
-
-def _sub_batch_moments(xs: Tensor, dims: tuple[int, ...]) -> tuple[Tensor, Tensor]:
-    """Per sub-batch and channel: mean and M2, from ``xs`` of shape (k, b, C, ...).
-
-    One sub-batch holds few values, so a two-pass sum in the input's precision is accurate
-    (the many sub-batches are merged in float64 afterwards). On CPU it is 2-15x faster than
-    ``var_mean``, whose Welford kernel is slow when the reduced dims are not innermost.
-    """
-    mean = xs.mean(dim=dims, keepdim=True)
-    m2 = (xs - mean).square_().sum(dim=dims)
-    return mean.reshape(m2.shape), m2
-
-
 class _Accumulator:
-    """One layer's running share of the pass: sub-batch moments, plus the short tail.
+    """One layer's share of the pass: every sample's per-channel moments (its mean and M2
+    over spatial positions), kept until :meth:`result`.
 
-    Chunks are multiples of the batch size, so per chunk the hook costs a few tensor ops;
-    everything else happens once per pass in :meth:`result`.
+    Per chunk the hook costs one mean and one squared-deviation sum over each sample's own
+    values (nothing for a 1d layer, whose sample is its own mean); the sub-batches of the
+    training batch size are formed afterwards from these rows, in any order
+    (:meth:`result`'s ``order``), so the pass itself can run over plain views of the data.
     """
 
     def __init__(self, b: int) -> None:
         self.b = b
-        self.means: list[Tensor] = []  # (k, C) per chunk, in the activations' precision
-        self.m2s: list[Tensor] = []
-        self.per = 0  # values per sub-batch and channel: b x spatial positions
-        self.rest: Moments | None = None  # samples that fill no whole sub-batch
+        self.means: list[Tensor] = []  # (n, C) per chunk, in the activations' precision
+        self.m2s: list[Tensor] = []  # (n, C) per chunk; empty for a 1d layer
+        self.per = 1  # values per sample and channel: the spatial positions
 
     def add(self, x: Tensor) -> None:
         if x.dtype not in (torch.float32, torch.float64):
             x = x.float()  # bf16 activations under autocast
-        n, b = x.shape[0], self.b
-        k = n // b
-        if k > 0:
-            xs = x[: k * b].reshape(k, b, *x.shape[1:])
-            self.per = x[0, 0].numel() * b
-            means, m2s = _sub_batch_moments(xs, (1, *range(3, xs.dim())))
-            self.means.append(means)
-            self.m2s.append(m2s)
-        if k * b < n:
-            tail = Moments.of(x[k * b :], _channel_dims(x))
-            self.rest = tail if self.rest is None else chan_merge(self.rest, tail)
+        if x.dim() == 2:
+            self.means.append(x)  # the hook's input is not changed in place downstream
+            return
+        spatial = tuple(range(2, x.dim()))
+        self.per = x[0, 0].numel()
+        mean = x.mean(dim=spatial, keepdim=True)
+        # One sample's positions are few: a two-pass sum in the input's precision is exact
+        # enough; everything across samples is merged in float64 in result().
+        self.m2s.append((x - mean).square_().sum(dim=spatial))
+        self.means.append(mean.reshape(x.shape[:2]))
 
-    def result(self, channels: int, device: torch.device) -> LayerStats:
-        data = Moments.empty(channels, device)
-        batch_mean, batch_var = Moments.empty(channels, device), Moments.empty(channels, device)
-        if self.means:
-            # (2, k, C): the k sub-batches' means and M2s, in float64 from here on.
-            both = torch.stack([torch.cat(self.means), torch.cat(self.m2s)]).double()
-            k, per = both.shape[1], self.per
-            avg = both.mean(1)  # grand mean; mean M2 per sub-batch
-            ss = (both - avg.unsqueeze(1)).square_().sum(1)  # squared deviations over sub-batches
-            count = torch.tensor([float(k * per), float(k)], dtype=torch.float64, device=device)
-            # Equal-count sub-batches merge in closed form (Chan's formula, k groups at once);
-            # the squared deviations of the sub-batch means are also their own M2.
-            data = Moments(count[0], avg[0], k * avg[1] + per * ss[0])
-            batch_mean = Moments(count[1], avg[0], ss[0])
-            unbias = 1.0 / (per - 1) if per > 1 else math.nan  # sub-batch var = M2 / (per - 1)
-            batch_var = Moments(count[1], avg[1] * unbias, ss[1] * unbias**2)
-        if self.rest is not None:
-            data = chan_merge(data, self.rest)
-        return LayerStats(data, batch_mean, batch_var)
+    def result(self, channels: int, device: torch.device, order: Tensor | None) -> LayerStats:
+        """The layer's statistics; sub-batches of ``b`` consecutive samples in ``order`` (a
+        permutation of the samples fed; None: the order they were fed), the tail short of a
+        whole sub-batch in the data's moments only."""
+        empty = Moments.empty(channels, device)
+        if not self.means:
+            return LayerStats(empty, empty, Moments.empty(channels, device))
+        means = torch.cat(self.means).double()  # (N, C)
+        m2s = torch.cat(self.m2s).double() if self.m2s else None
+        n, per, b = means.shape[0], self.per, self.b
+
+        def f64(v: float) -> Tensor:
+            return torch.tensor(v, dtype=torch.float64, device=device)
+
+        grand = means.mean(0)
+        m2 = (means - grand).square_().sum(0).mul_(per)  # between samples
+        if m2s is not None:
+            m2 += m2s.sum(0)  # within samples
+        data = Moments(f64(float(n * per)), grand, m2)
+        k = n // b
+        if k == 0:
+            return LayerStats(data, empty, Moments.empty(channels, device))
+        if order is not None:
+            idx = order[: k * b].to(means.device)
+            means = means.index_select(0, idx)
+            m2s = m2s.index_select(0, idx) if m2s is not None else None
+        else:
+            means, m2s = means[: k * b], m2s[: k * b] if m2s is not None else None
+        mb = means.view(k, b, channels)
+        sub_mean = mb.mean(1)  # (k, C)
+        sub_m2 = (mb - sub_mean.unsqueeze(1)).square_().sum(1).mul_(per)
+        if m2s is not None:
+            sub_m2 += m2s.view(k, b, channels).sum(1)
+        count = b * per
+        sub_var = sub_m2 / (count - 1) if count > 1 else torch.full_like(sub_m2, math.nan)
+
+        def spread(v: Tensor) -> Moments:  # moments of k values per channel
+            mu = v.mean(0)
+            return Moments(f64(float(k)), mu, (v - mu).square_().sum(0))
+
+        return LayerStats(data, spread(sub_mean), spread(sub_var))
 
 
 class Accumulators:
@@ -202,10 +209,11 @@ class Accumulators:
     def add(self, name: str, x: Tensor) -> None:
         self.acc[name].add(x)
 
-    def result(self, device: torch.device) -> dict[str, LayerStats]:
-        """Merged across ranks; a layer never fed (an empty probe) gets count 0."""
+    def result(self, device: torch.device, order: Tensor | None = None) -> dict[str, LayerStats]:
+        """Merged across ranks; a layer never fed (an empty probe) gets count 0. ``order``:
+        the sub-batches' order of the samples fed (see :meth:`_Accumulator.result`)."""
         return merge_across_ranks(
-            {n: a.result(self.channels[n], device) for n, a in self.acc.items()}
+            {n: a.result(self.channels[n], device, order) for n, a in self.acc.items()}
         )
 
 
@@ -229,8 +237,12 @@ def exact_stats(
     precision: str = "fp32",
     layers: list[str] | None = None,
     order: list[str] | None = None,
+    sub_batch_order: Tensor | None = None,
 ) -> dict[str, LayerStats]:
     """Exact input statistics of BN layers over ``x[index]``, upstream layers in eval mode.
+
+    ``sub_batch_order`` (a permutation of the samples passed) makes the per-batch spread
+    that of random batches while the pass runs over plain views of ``x`` (no gather).
 
     ``batch_size`` is the training micro-batch size (for the per-batch spread); the pass runs
     in chunks of a multiple of it. ``layers`` restricts the pass to some layers, and it stops
@@ -276,4 +288,4 @@ def exact_stats(
         for h in handles:
             h.remove()
         model.train(was_training)
-    return acc.result(x.device)
+    return acc.result(x.device, sub_batch_order)

@@ -69,10 +69,21 @@ STEP = "optimizer step"
 
 
 def draw_bn(
-    bn: dict[str, dict[str, Series]], recal: Recalibration | None, subtitle: str = ""
+    bn: dict[str, dict[str, Series]],
+    recal: Recalibration | None,
+    subtitle: str = "",
+    noise_share: Series | None = None,
 ) -> Figure:
-    """Per layer: the measured mean gap and |log-variance ratio| against the theory, and their
-    ratio with its y = 1 line; below, the initial value's weight and PreciseBN."""
+    """Per layer: the measured mean gap against the theory's parts (EMA noise, the initial
+    bias ``(1 - m)^t |mu_0 - mu|``, their sum only where the bias shows, and what the theory
+    leaves unexplained: drift), the |log-variance ratio|, and measured / predicted with its
+    y = 1 line; below, the initial value's weight and PreciseBN. ``noise_share``
+    (``bn/probe_noise_share``): points over the whole set (0) are filled, subset ones hollow."""
+    whole = (
+        {x for x, y in zip(noise_share.x, noise_share.y, strict=True) if y == 0}
+        if (noise_share is not None)
+        else None
+    )
     layers = list(bn)
     fig = new_figure(14, 2.9 * len(layers) + 3.2)
     grid = fig.add_gridspec(len(layers) + 1, 3)
@@ -82,9 +93,12 @@ def draw_bn(
         ax = fig.add_subplot(grid[i, 0], sharex=first)
         first = first or ax
         _line(ax, s["mean_gap_mean"], True, label="measured", color="C0", lw=2)
-        _line(ax, s["pred_mean_gap_mean"], True, label="theory: bias + noise", color="k", ls="--")
-        _line(ax, s["pred_mean_gap_noise"], True, label="theory: noise only", color="C2", ls=":")
-        _line(ax, s["pred_mean_gap_bias"], True, label="theory: initial bias", color="C3", ls="-.")
+        _mark_probes(ax, s["mean_gap_mean"], whole)
+        _line(ax, s["pred_mean_gap_noise"], True, label="theory: EMA noise", color="C2", ls=":")
+        _line(ax, s["pred_mean_gap_bias"], True, label="theory: initial bias (1-m)^t |mu_0 - mu|",
+              color="C3", ls="-.")  # fmt: skip
+        _line(ax, _where_bias_shows(s), True, label="theory: bias + noise", color="k", ls="--")
+        _line(ax, _excess(s), True, label="beyond theory: drift", color="C1", lw=1)
         _finish(ax, f"BN layer {layer}: running mean gap", "|gap| / sd (mean over ch.)", True)
         _floor(ax, [s["mean_gap_mean"], s["pred_mean_gap_mean"]])
         ax = fig.add_subplot(grid[i, 1], sharex=first)
@@ -106,6 +120,38 @@ def draw_bn(
     for a in fig.axes[: 3 * len(layers)]:
         a.set_xlabel(STEP)
     return fig
+
+
+def _mark_probes(ax: Axes, s: Series, whole: set[float] | None) -> None:
+    """Filled markers on points measured over the whole training set, hollow on subset ones."""
+    if whole is None:
+        return
+    on = [(x, y) for x, y in zip(s.x, s.y, strict=True) if y > 0 and x in whole]
+    off = [(x, y) for x, y in zip(s.x, s.y, strict=True) if y > 0 and x not in whole]
+    if on:
+        ax.scatter(*zip(*on, strict=True), s=14, color="C0", zorder=3, label="whole set")
+    if off:
+        ax.scatter(*zip(*off, strict=True), s=14, facecolors="none", edgecolors="C0", zorder=3,
+                   label="subset (its noise in the theory)")  # fmt: skip
+
+
+def _where_bias_shows(s: dict[str, Series], rel: float = 0.05) -> Series:
+    """The theory's total only where it differs from noise alone by more than ``rel``: else
+    it would draw on top of the noise line."""
+    total, noise = s["pred_mean_gap_mean"], s["pred_mean_gap_noise"]
+    noise_at = dict(zip(noise.x, noise.y, strict=True))
+    pts = [(x, y) for x, y in zip(total.x, total.y, strict=True)
+           if y > (1 + rel) * noise_at.get(x, 0.0)]  # fmt: skip
+    return Series([p[0] for p in pts], [p[1] for p in pts])
+
+
+def _excess(s: dict[str, Series]) -> Series:
+    """Measured minus predicted mean gap where positive: what noise and bias leave
+    unexplained, the drift (weights moving faster than the average follows)."""
+    pred = dict(zip(s["pred_mean_gap_mean"].x, s["pred_mean_gap_mean"].y, strict=True))
+    got = s["mean_gap_mean"]
+    pts = [(x, y - pred[x]) for x, y in zip(got.x, got.y, strict=True) if x in pred]
+    return Series([p[0] for p in pts], [max(p[1], 0.0) for p in pts])
 
 
 def _floor(ax: Axes, main: list[Series], decades: float = 2.0) -> None:

@@ -130,7 +130,9 @@ def _bn(run: Run) -> Any:
         return None
     m = run.config.get("model", {}).get("bn_momentum", "?")
     subtitle = f" (model.bn_momentum={'null' if m is None else m})"
-    return draw.draw_bn(bn, series.recalibration(run.rows, run.summary), subtitle)
+    share = series.column(run.rows, "bn/probe_noise_share")
+    recal = series.recalibration(run.rows, run.summary)
+    return draw.draw_bn(bn, recal, subtitle, share if share.x else None)
 
 
 @dataclass(frozen=True)

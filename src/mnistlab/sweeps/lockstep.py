@@ -127,12 +127,15 @@ def _measure_bn(stack: Stack, lanes: list[Lane]) -> None:
     monitor = live[0].job.monitor if live else None
     probe = monitor.probe_at(live[0].counter.optimizer_steps + 1) if monitor else None
     if monitor is None or probe != "periodic":
-        return  # the final pass covers the whole set: large products, as fast lane by lane
+        return
+    sizes = {lane.job.monitor.sizes[probe] for lane in lanes}
+    if len(sizes) > 1 or any(lane.job.monitor.whole(probe) for lane in lanes):
+        return  # whole-set passes (large products, as fast lane by lane) or unequal probes
     t0 = time.perf_counter()
     layers = {n: m.num_features for n, m in bn_layers(stack.first).items()}
     accs = [Accumulators(layers, monitor.batch_size) for _ in lanes]
     stack.tap = lambda name, xs: [a.add(name, x) for a, x in zip(accs, xs, strict=True)]
-    probes = [lane.job.monitor.probe(probe) for lane in lanes]  # each lane's own samples
+    probes = [lane.job.monitor.probe(probe)[:2] for lane in lanes]  # each lane's own samples
     b = monitor.batch_size  # chunks of whole sub-batches, about a lone pass's chunk in all
     size = max(1, monitor.chunk_size // (b * len(lanes))) * b
     n = len(probes[0][0]) if probes[0][1] is None else len(probes[0][1])
