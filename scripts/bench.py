@@ -124,6 +124,7 @@ ROW_NAMES = [
     "threads_oversubscribed",
     "threads_auto_under_load",
     "threads_auto_alone",
+    "threads_auto_same_bytes",
 ]
 
 

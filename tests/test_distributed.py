@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -31,7 +30,6 @@ from faults import KillRankAt, RaiseAtStep, override
 from support import ROOT, app, child_env, read_jsonl, read_summary, run_app
 
 TINY = ("trainer.epochs=2", "trainer.num_threads=1", "trainer.progress=none")
-CPU_CORES = len(os.sched_getaffinity(0))
 
 
 def _cfg(*overrides: str) -> Any:
@@ -143,7 +141,7 @@ def test_two_devices_count_the_plan_on_every_rank_and_write_once(two_rank_sweep:
         assert counted["samples_seen"] == plan["samples_seen"]
     assert len(d["counted_per_rank"]) == 2
     assert d["params_identical_across_ranks"] and d["buffers_identical_across_ranks"]
-    assert d["threads_per_rank"] == [max(1, CPU_CORES // 2)] * 2  # cores / local processes
+    assert d["threads_per_rank"] == [1, 1]  # the default MLP: too small to split, any cores
     assert "rank 0's micro-batches only" in s["bn_running_stats_from"]
     # written once: one folder, one set of files, one row per step, one banner in the log
     assert sorted(p.name for p in run.iterdir()) == [

@@ -5,6 +5,7 @@ No timed assertions: these check that the numbers exist and that the code paths 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from hydra import compose, initialize_config_dir
 
 from mnistlab.app.job import run as run_job
 from mnistlab.config import CONF_DIR, register, validate
-from mnistlab.processes.threads import resolve_threads
+from mnistlab.processes.threads import PARALLEL_FLOPS, resolve_threads, threads_for_model
 
 from support import ROOT, app, child_env, read_jsonl, read_summary, run_app, stop_joblib_workers
 
@@ -47,25 +48,37 @@ def test_summary_records_first_step_and_threads(tmp_path: Path) -> None:
     assert s["num_threads"] == torch.get_num_threads()
 
 
-def test_auto_threads_divide_cores() -> None:
-    assert resolve_threads("auto") == CORES
-    assert resolve_threads("auto", 1, CORES) == 1
-    assert resolve_threads("auto", 2, 4 * CORES) == 1  # never below one
-    assert resolve_threads(3, 1, 2) == 3  # an explicit count is kept
+def test_auto_threads_come_from_the_machine_and_the_model_only() -> None:
+    assert resolve_threads("auto") == resolve_threads("adaptive") == CORES
+    assert resolve_threads("auto", 2) == max(1, CORES // 2)  # ranks on this machine
+    assert resolve_threads("auto", 4 * CORES) == 1  # never below one
+    assert resolve_threads(3, 2) == 3  # an explicit count is kept
+    # a micro-batch too small to split trains on one thread; a large one keeps the cores
+    assert threads_for_model(CORES, 0.5 * PARALLEL_FLOPS) == 1
+    assert threads_for_model(CORES, 2 * PARALLEL_FLOPS) == CORES
 
 
 @pytest.mark.slow
-def test_joblib_sweep_splits_threads_among_parallel_jobs(tmp_path: Path) -> None:
-    sweep = tmp_path / "sweep"
-    args = ("hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "trainer.seed=0,1",
-            "trainer.epochs=1", "dataset.limit_train=128", "trainer.progress=none")  # fmt: skip
+def test_a_joblib_job_trains_as_the_basic_launchers_job(tmp_path: Path) -> None:
+    """Two jobs, two at a time in joblib's workers, and the same two one after the other:
+    the same threads (``auto`` ignores the launcher) and the same rows, byte for byte."""
+    args = ("trainer.seed=0,1", "trainer.epochs=1", "dataset.limit_train=128",
+            "trainer.progress=none")  # fmt: skip
     try:  # the sweep in this process; its jobs in joblib's worker processes
-        p = app(sweep, *args, multirun=True, env={"OMP_NUM_THREADS": "1"})
+        joblib = app(tmp_path / "joblib", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+                     *args, multirun=True, env={"OMP_NUM_THREADS": "1"})  # fmt: skip
     finally:
         stop_joblib_workers()
-    assert p.returncode == 0, p.stderr[-2000:]
+    assert joblib.returncode == 0, joblib.stderr[-2000:]
+    basic = app(tmp_path / "basic", *args, multirun=True)
+    assert basic.returncode == 0, basic.stderr[-2000:]
     for job in ("0", "1"):
-        assert read_summary(sweep / job)["num_threads"] == max(1, CORES // 2)
+        a, b = (read_summary(tmp_path / k / job) for k in ("joblib", "basic"))
+        # the default MLP's micro-batch is too small to split: one thread, whatever the cores
+        assert a["threads"] == b["threads"] == {"policy": "auto", "schedule": [[0, 1]]}
+        assert a["final"] == b["final"]
+        rows = [(tmp_path / k / job / "metrics.jsonl").read_bytes() for k in ("joblib", "basic")]
+        assert rows[0] == rows[1]
 
 
 def _imports(tmp_path: Path, *overrides: str) -> set[str]:
@@ -138,13 +151,13 @@ def test_compiled_model_is_not_recompiled_by_bn_points(tmp_path: Path) -> None:
 
 
 def test_thread_governor_gives_way_to_a_busy_process() -> None:
-    """``trainer.num_threads=auto`` follows the load: a process that keeps one of our cores
+    """``trainer.num_threads=adaptive`` follows the load: a process that keeps one of our cores
     busy leaves one thread to training (two spinning OpenMP threads beside it would crawl)."""
     from mnistlab.processes.threads import ThreadGovernor, cpu_cores
 
     if cpu_cores() < 2:
         pytest.skip("needs 2 cores")
-    gov = ThreadGovernor(most=2, every_s=0.0)
+    gov = ThreadGovernor(most=2, every_s=0.0, start_step=0)
     assert [gov.threads_for(x) for x in (0.0, 0.5, 0.9, 1.5, 3.0)] == [2, 2, 1, 1, 1]
     before = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -154,8 +167,44 @@ def test_thread_governor_gives_way_to_a_busy_process() -> None:
         gov.last = gov._sample()
         time.sleep(1.0)  # this process idles: the busy core is the hog's
         gov.on_step(1)
-        assert torch.get_num_threads() == 1 and gov.changes == 1
+        assert torch.get_num_threads() == 1 and gov.schedule == [[0, 2], [1, 1]]
     finally:
         hog.kill()
         hog.wait()
         torch.set_num_threads(before)
+
+
+@pytest.mark.slow
+def test_two_default_runs_side_by_side_write_the_same_bytes(tmp_path: Path) -> None:
+    """The same command twice at once, each free to use every core of the machine (not this
+    worker's one): each is the other's load, and ``auto`` does not follow load, so the rows and
+    the summary's numbers are the same, byte for byte."""
+
+    def every_core() -> None:  # the machine's cores, as a run started from a shell has them
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(0, os.sched_getaffinity(1))
+
+    env = {k: v for k, v in child_env().items() if k != "OMP_NUM_THREADS"}
+    cmd = [sys.executable, "-m", "mnistlab.train", "trainer.epochs=4", "logger=none",
+           "trainer.progress=none"]  # fmt: skip
+    out = subprocess.DEVNULL, subprocess.PIPE
+    procs = [
+        subprocess.Popen(
+            [*cmd, f"hydra.run.dir={tmp_path / name}"],
+            cwd=ROOT,
+            env=env,
+            stdout=out[0],
+            stderr=out[1],
+            text=True,
+            preexec_fn=every_core,
+        )
+        for name in ("a", "b")
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=240)
+        assert p.returncode == 0, err[-2000:]
+    a, b = (read_summary(tmp_path / name) for name in ("a", "b"))
+    assert a["final"] == b["final"] and a["bn"] == b["bn"] and a["threads"] == b["threads"]
+    assert (tmp_path / "a" / "metrics.jsonl").read_bytes() == (
+        tmp_path / "b" / "metrics.jsonl"
+    ).read_bytes()

@@ -239,27 +239,6 @@ def test_disabled_and_none_leave_no_wandb_files(tmp_path: Path) -> None:
     assert not (ROOT / "wandb").exists()
 
 
-@pytest.mark.slow
-def test_joblib_divides_threads_between_its_parallel_jobs(tmp_path: Path) -> None:
-    """Two jobs, two at a time, in joblib's worker processes: each gets half the cores."""
-    proc = sweep(
-        tmp_path / "sweep",
-        "hydra/launcher=joblib",
-        "hydra.launcher.n_jobs=2",
-        "trainer.epochs=1",
-        "dataset.limit_train=100",
-        "logger=none",
-        "trainer.seed=0,1",
-        env=no_credentials_env(tmp_path),
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    cores = len(os.sched_getaffinity(0))
-    for i in range(2):
-        s = read_summary(tmp_path / "sweep" / str(i))
-        assert s["status"] == "completed" and s["launcher"] == "joblib"
-        assert s["num_threads"] == max(1, cores // 2)  # cores / parallel jobs
-
-
 def test_auto_mode_follows_wandb_credentials(tmp_path: Path) -> None:
     """wandb's own credential lookup, in a process whose environment has none to begin with."""
     script = textwrap.dedent(

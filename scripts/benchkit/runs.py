@@ -134,12 +134,21 @@ def env_for(threads: int) -> dict[str, str]:
     )
 
 
-def app(args: list[str], threads: int, capture_stderr: bool = False) -> subprocess.Popen[str]:
-    """Start ``python <args>`` in the repo, output discarded (stderr kept if asked)."""
+# GNU OpenMP's default wait (spin, then sleep), as before mnistlab set OMP_WAIT_POLICY=PASSIVE:
+# an unrecognised value (libgomp says so on stderr) leaves the default, and the package's
+# setdefault keeps a value that is set.
+SPINNING = {"OMP_WAIT_POLICY": ""}
+
+
+def app(
+    args: list[str], threads: int, capture_stderr: bool = False, env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
+    """Start ``python <args>`` in the repo, output discarded (stderr kept if asked); ``env``
+    entries on top of :func:`env_for`'s."""
     return subprocess.Popen(
         [sys.executable, *args],
         cwd=REPO,
-        env=env_for(threads),
+        env={**env_for(threads), **(env or {})},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE if capture_stderr else subprocess.DEVNULL,
         text=True,

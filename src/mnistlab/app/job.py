@@ -35,7 +35,7 @@ from mnistlab.engine.optim import build_optimizer
 from mnistlab.engine.steps import Cadence, StepCounter, StepPlan
 from mnistlab.logger import sinks
 from mnistlab.processes import distributed
-from mnistlab.processes.threads import ThreadGovernor
+from mnistlab.processes.threads import POLICIES, ThreadGovernor, threads_for_model
 
 log = logging.getLogger("mnistlab")
 
@@ -63,6 +63,9 @@ def setup(cfg: DictConfig, out_dir: Path, rank: int = 0, world_size: int = 1) ->
     resumed = checkpoint.load_for_resume(out_dir / checkpoint.LAST, config) if t.resume else None
     ds, model = data_and_model(cfg, device)
     train, val, test = ds.train, ds.val, ds.test
+    if t.num_threads in POLICIES and device.type == "cpu":  # auto: by the model's size too
+        per_batch = models.TRAIN_FACTOR * models.forward_flops(model, train.x[:2])[1] * t.batch_size
+        torch.set_num_threads(threads_for_model(torch.get_num_threads(), per_batch))
     plan = StepPlan.from_config(t, len(train), world_size, models.smallest_batch(cfg.model))
     if rank == 0:
         log.info("\n%s", plan.banner(t.num_nodes))
@@ -101,8 +104,9 @@ def setup(cfg: DictConfig, out_dir: Path, rank: int = 0, world_size: int = 1) ->
     )  # fmt: skip
     best = _best(cfg, ckpt, resumed, agree)
     callbacks: list[Callback] = [monitor, ckpt, *extra]
-    if t.num_threads == "auto" and device.type == "cpu":  # follow the machine's load
-        callbacks.append(ThreadGovernor(most=torch.get_num_threads()))
+    if t.num_threads == "adaptive" and device.type == "cpu":  # follow the machine's load
+        most, at = torch.get_num_threads(), counter.optimizer_steps
+        callbacks.append(ThreadGovernor(most, start_step=at))
     callbacks.append(best)  # last: it may end the run once the others saw the epoch end
     if best.state.stopped is not None:  # resuming a run that stopped early: it stays so
         plan = replace(plan, epochs=best.state.stopped["epoch"])
@@ -250,6 +254,8 @@ def end(
         raise
     finally:
         out.setdefault("counted", job.counter.counted())  # diverged or interrupted: how far
+        # the schedule as the loop left it, from the step this process began at
+        out["threads"] = summary.threads(job, start=out.get("resumed_from_step", 0))
         if job.best.record() is not None:  # the objective's best evaluation, and its file
             out["best"] = job.best.record()
         out["timings"]["wall_s"] = time.perf_counter() - clock.started

@@ -31,7 +31,7 @@ from mnistlab.config import hydra_error_line
 from mnistlab.core import signals
 from mnistlab.core.errors import USER_ERROR_EXIT, UserError, report, user_message
 from mnistlab.processes import distributed, lock
-from mnistlab.processes.threads import parallel_jobs, use_threads
+from mnistlab.processes.threads import use_threads
 
 log = logging.getLogger("mnistlab")
 # A process's clock starts when this module is imported: a single run's start-up includes
@@ -97,9 +97,9 @@ def _attempt(
     try:
         cfg, launch = _prepare(cfg, hc, out_dir)
         if stacked and launch.mode == "single":
-            summary = yield from _stacked(cfg, out_dir, hc, started)
+            summary = yield from _stacked(cfg, out_dir, started)
         else:
-            summary = _dispatch(launch, cfg, out_dir, hc, started)
+            summary = _dispatch(launch, cfg, out_dir, started)
         code = 1
     except Exception as e:
         known = _known_failure(e)
@@ -116,7 +116,7 @@ def _attempt(
 
 
 def _stacked(
-    cfg: DictConfig, out_dir: Path, hc: Any, started: float
+    cfg: DictConfig, out_dir: Path, started: float
 ) -> Generator[Ready, Any, dict[str, Any]]:
     """A stacked job's training: set up, pause until its group has trained, then the summary
     from what the loop did."""
@@ -124,7 +124,7 @@ def _stacked(
     from mnistlab.app import job
     from mnistlab.engine.checkpoint import Streams
 
-    use_threads(cfg.trainer.num_threads, parallel_jobs=parallel_jobs(hc))
+    use_threads(cfg.trainer.num_threads)
     run = job.setup(cfg, out_dir)
     summary, clock = job.begin(run, started)
     ready = Ready(run, Streams.now(run.loop.train.x.device))
@@ -179,7 +179,7 @@ def _prepare(cfg: DictConfig, hc: Any, out_dir: Path) -> tuple[DictConfig, distr
 
 
 def _dispatch(
-    launch: distributed.Launch, cfg: DictConfig, out_dir: Path, hc: Any, started: float
+    launch: distributed.Launch, cfg: DictConfig, out_dir: Path, started: float
 ) -> dict[str, Any]:
     """Train in this process, in spawned ranks, or as one torchrun rank; rank 0's summary."""
     wanted = cfg.trainer.num_threads
@@ -191,7 +191,7 @@ def _dispatch(
 
     from mnistlab.app import job
 
-    use_threads(cfg.trainer.num_threads, parallel_jobs=parallel_jobs(hc))
+    use_threads(cfg.trainer.num_threads)
     return job.run(cfg, out_dir, started=started)
 
 

@@ -24,6 +24,7 @@ from mnistlab.core.files import atomic_write_json
 from mnistlab.engine.loop import Fit, evaluate, position
 from mnistlab.engine.steps import StepCounter, StepPlan
 from mnistlab.processes import distributed
+from mnistlab.processes.threads import POLICIES, ThreadGovernor
 
 RESUME = "python -m mnistlab.train hydra.run.dir={} trainer.resume=true"
 
@@ -37,7 +38,22 @@ def opening(job: Job, started: float) -> dict[str, Any]:
     # train_s times the loop alone (Fit's span); set-up is in startup_s
     out["timings"] = {"startup_s": time.perf_counter() - started}
     out["num_threads"] = torch.get_num_threads()
+    out["threads"] = threads(job, start=job.counter.optimizer_steps)
     return out
+
+
+def threads(job: Job, *, start: int) -> dict[str, Any]:
+    """The threads training ran with: ``trainer.num_threads``'s policy and its schedule, each
+    ``[step, threads]`` from that step on, the first at ``start``. One entry unless
+    ``adaptive`` followed the load: a new count changes float32 sums, so the schedule says
+    where two runs' numbers may part."""
+    policy = job.cfg.trainer.num_threads
+    governor = next((c for c in job.loop.callbacks if isinstance(c, ThreadGovernor)), None)
+    if governor is not None:
+        schedule = [list(change) for change in governor.schedule]
+    else:
+        schedule = [[start, torch.get_num_threads()]]
+    return {"policy": policy if policy in POLICIES else "fixed", "schedule": schedule}
 
 
 def interrupted(job: Job, e: Interrupted) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from mnistlab.bn.precise import recalibrate
 from mnistlab.bn.stats import LayerStats, exact_stats
 from mnistlab.bn.theory import noise_factor
 from mnistlab.engine.loop import Callback
-from mnistlab.engine.models import bn_layers, unwrap
+from mnistlab.engine.models import TRAIN_FACTOR, bn_layers, forward_flops, unwrap
 from mnistlab.engine.steps import Cadence
 
 # The BN points may take at most BUDGET of the training time. With probe_samples=None every
@@ -32,7 +32,6 @@ BUDGET = 0.10
 NOISE_SHARE = 0.10
 # Subset probes up to this many samples are gathered once and kept (no gather per point).
 CACHED_PROBE = 20_000
-TRAIN_FACTOR = 3.0  # a training sample's FLOPs / its forward's: forward and backward
 
 
 @dataclass(frozen=True)
@@ -60,37 +59,6 @@ BN_UPDATES_NOTE = (
     "BatchNorm updates its running statistics once per forward micro-batch, not once per "
     "optimizer step: with gradient accumulation num_batches_tracked counts micro-batches"
 )
-
-
-@torch.inference_mode()
-def forward_flops(model: nn.Module, x: Tensor) -> tuple[float, float]:
-    """FLOPs of one sample's forward (linear and convolution layers, 2 per multiply-add):
-    up to the last BN layer's input (what the pass runs) and in all. ``x``: a few samples."""
-    model = unwrap(model)
-    done = [0.0]
-    at_bn = [0.0]
-
-    def count(module: nn.Module, inputs: tuple[Tensor, ...], out: Tensor) -> None:
-        w = getattr(module, "weight", None)
-        if w is not None:
-            per_out = w[0].numel()  # in_features, or in_channels / groups x kernel
-            done[0] += 2.0 * per_out * out.numel() / max(1, out.shape[0])
-
-    def bn(module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
-        at_bn[0] = done[0]
-
-    kinds = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-    handles = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, kinds)]
-    handles += [m.register_forward_pre_hook(bn) for m in bn_layers(model).values()]
-    was_training = model.training
-    model.eval()
-    try:
-        model(x)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    return at_bn[0], done[0]
 
 
 class Monitor(Callback):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from mnistlab.core.errors import ConfigError
@@ -194,3 +194,37 @@ def memory_format(model: nn.Module, device: torch.device) -> torch.memory_format
     """NHWC (channels_last) for convolutions on CUDA, cuDNN's fast layout; else the default."""
     convs = any(isinstance(m, nn.Conv2d) for m in model.modules())
     return torch.channels_last if convs and device.type == "cuda" else torch.contiguous_format
+
+
+TRAIN_FACTOR = 3.0  # a training sample's FLOPs / its forward's: forward and backward
+
+
+@torch.inference_mode()
+def forward_flops(model: nn.Module, x: Tensor) -> tuple[float, float]:
+    """FLOPs of one sample's forward (linear and convolution layers, 2 per multiply-add):
+    up to the last BN layer's input (what the pass runs) and in all. ``x``: a few samples."""
+    model = unwrap(model)
+    done = [0.0]
+    at_bn = [0.0]
+
+    def count(module: nn.Module, inputs: tuple[Tensor, ...], out: Tensor) -> None:
+        w = getattr(module, "weight", None)
+        if w is not None:
+            per_out = w[0].numel()  # in_features, or in_channels / groups x kernel
+            done[0] += 2.0 * per_out * out.numel() / max(1, out.shape[0])
+
+    def bn(module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+        at_bn[0] = done[0]
+
+    kinds = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    handles = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, kinds)]
+    handles += [m.register_forward_pre_hook(bn) for m in bn_layers(model).values()]
+    was_training = model.training
+    model.eval()
+    try:
+        model(x)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return at_bn[0], done[0]
