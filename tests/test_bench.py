@@ -32,7 +32,7 @@ HALVES = (
     ["row_machine", "row_gemm", "row_throughput_mlp", "row_throughput_cnn", "row_flops",
      "row_overheads_default", "row_overheads_mnist", "row_startup", "row_stacked_steps",
      "row_stacked_digits", "row_stacked_mnist"],
-    ["row_sweep", "row_threads", "row_load", "row_cuda"],
+    ["row_sweep", "row_threads", "row_load", "row_bn_points", "row_cuda"],
 )  # fmt: skip
 
 
