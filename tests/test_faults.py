@@ -207,7 +207,8 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_keeps_the_last_one(tmp_path
         assert state["digest"] == checkpoint.digest(state)
         assert not leftovers(run)
     finally:
-        subprocess.run(["umount", str(disk)], check=False)
+        # lazily: this process's logging may still hold the run's train.log open
+        subprocess.run(["umount", "--lazy", str(disk)], check=False)
 
 
 @pytest.mark.slow

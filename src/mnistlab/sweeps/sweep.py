@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from mnistlab.config import check_objective
 from mnistlab.config.schema import uses
@@ -43,7 +43,8 @@ class Sweep(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         _check_objective(config.objective)
         _check_launcher(config.hydra.launcher)
-        _check_sweeps(list(config.hydra.overrides.task))
+        # unresolved: an override may hold ${hydra:job.num}, which only a job can resolve
+        _check_sweeps(OmegaConf.to_container(config.hydra.overrides.task, resolve=False))
         signals.install_for_sweep(Stop(Path(config.hydra.sweep.dir), config.objective))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
@@ -101,7 +102,7 @@ def _check_objective(objective: Any) -> None:
         sys.exit(report(str(e)))
 
 
-def _check_sweeps(overrides: list[str]) -> None:
+def _check_sweeps(overrides: Any) -> None:
     """A swept key with no value (``range(0)``, ``choice()``) makes a sweep of no job, which
     would launch nothing and exit 0: one line instead (exit 2). Intervals are a search's
     (they have no list of values)."""
